@@ -1,0 +1,199 @@
+"""The `mt` command line: one sub-command, one function call.
+
+User mistakes raise `MTError` anywhere below; they are printed here as one line (`mt: error: ...`) with exit
+status 2. A traceback is shown only with `--debug`. Results go to stdout, logs and progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mt import __version__
+from mt.errors import MTError
+
+log = logging.getLogger("mt")
+
+EPILOG_TRAIN = """examples:
+  mt train --config configs/multi30k.yaml
+  mt train --config configs/multi30k.yaml --set train.max_time_minutes=10 --set model.dropout=0.2
+  mt train --config configs/multi30k.yaml --resume          # continue from run_dir/checkpoint_last.pt
+  mt train --config configs/multi30k.yaml --prepare-only    # vocabulary, encoded cache, batch statistics
+"""
+
+EPILOG_TRANSLATE = """examples:
+  mt translate --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --input test.de --output test.hyp.en
+  cat test.de | mt translate --checkpoint runs/multi30k-de-en/checkpoint_best.pt --beam-size 5 > out.en
+"""
+
+EPILOG_EVAL = """examples:
+  mt eval --hyp out.en --ref test.en
+  mt eval --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src test.de --ref test.en
+  mt eval --checkpoint runs/wmt14-en-de-base/checkpoint_avg.pt -t wmt14 -l en-de
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mt", description="Train, run and score Transformer translation models (Vaswani et al., 2017).")
+    parser.add_argument("--version", action="version", version=f"mt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (repeatable), e.g. --set train.max_steps=2000")
+        p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        p.add_argument("--quiet", action="store_true", help="log warnings only")
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("train", help="learn the vocabulary, encode the data and train a model",
+                       description="Train a model from a YAML config; writes everything to the config's run_dir.",
+                       epilog=EPILOG_TRAIN, formatter_class=fmt)
+    p.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoint_last.pt")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="stop after the vocabulary, the encoded cache and the batch statistics")
+    common(p)
+
+    p = sub.add_parser("translate", help="translate a file or stdin with a trained checkpoint",
+                       description="Translate one sentence per line; output keeps input order and line count.",
+                       epilog=EPILOG_TRANSLATE, formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by mt train or mt average")
+    p.add_argument("--input", default="-", help="source text, one sentence per line (default: stdin)")
+    p.add_argument("--output", default="-", help="where to write translations (default: stdout)")
+    _search_options(p)
+    p.add_argument("--nbest", type=int, help="write the N best hypotheses per line as 'line ||| score ||| text'")
+    common(p)
+
+    p = sub.add_parser("eval", help="score translations with sacreBLEU (BLEU and chrF)",
+                       description="Score a hypothesis file, or translate then score, with sacreBLEU.",
+                       epilog=EPILOG_EVAL, formatter_class=fmt)
+    p.add_argument("--hyp", help="hypothesis file to score")
+    p.add_argument("--ref", nargs="+", help="reference file(s)")
+    p.add_argument("--checkpoint", help="translate --src (or the -t test set) with this checkpoint first")
+    p.add_argument("--src", help="source file to translate (with --checkpoint)")
+    p.add_argument("-t", "--test-set", help="a sacreBLEU test set by name, e.g. wmt14 (with --checkpoint)")
+    p.add_argument("-l", "--language-pair", help="the test set's language pair, e.g. en-de")
+    p.add_argument("--output", help="also write the translations here (with --checkpoint)")
+    _search_options(p)
+    common(p)
+
+    p = sub.add_parser("average", help="average the parameters of several checkpoints (Section 6.1)",
+                       description="Average the last N checkpoints of a run, or a given list, into one.")
+    p.add_argument("--run-dir", help="take the last --last step checkpoints of this run directory")
+    p.add_argument("--last", type=int, default=5, help="how many checkpoints to average (default 5)")
+    p.add_argument("--checkpoints", nargs="+", help="explicit list of checkpoints to average")
+    p.add_argument("--output", help="where to write the average (default: RUN_DIR/checkpoint_avg.pt)")
+    common(p)
+    return parser
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam-size", type=int, help="beam width (default: the checkpoint's decode.beam_size)")
+    p.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha (default: decode.length_penalty)")
+    p.add_argument("--method", choices=("beam", "greedy", "sample"), help="search method (default: beam)")
+    p.add_argument("--max-tokens", type=int, help="source tokens per batch (default: decode.max_tokens)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except MTError as e:
+        if args.debug:
+            raise
+        print(f"mt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mt: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mt.config import load_config, save_config
+    from mt.data import batch_stats, make_batches, prepare_data
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    data = prepare_data(cfg.data, run_dir)
+    stats = batch_stats(make_batches(data.train.src_lens, data.train.tgt_lens, cfg.data.max_tokens,
+                                     cfg.train.seed, 0), data.train.src_lens, data.train.tgt_lens)
+    print(f"vocabulary: {data.vocab.src_size} pieces ({'joint' if data.vocab.joint else 'separate'}) in {run_dir}")
+    print(f"train: {len(data.train)} pairs; dev: {len(data.valid) if data.valid else 0} pairs")
+    print(f"batches at {cfg.data.max_tokens} tokens per side: {stats}")
+    if args.prepare_only:
+        return 0
+    from mt.train import train
+
+    result = train(cfg, data, resume=args.resume)
+    for line in result.summary():
+        print(line)
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from mt.translate import load_translator, translate_stream
+
+    translator = load_translator(args.checkpoint, args.overrides, _search_overrides(args), args.device)
+    translate_stream(translator, args.input, args.output, nbest=args.nbest)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mt.evaluate import load_test_set, read_hyp_ref, score
+
+    if args.checkpoint is None:
+        if not args.hyp or not args.ref:
+            raise MTError("eval needs --hyp and --ref, or --checkpoint with --src/--ref or -t/-l")
+        hyps, refs = read_hyp_ref(args.hyp, args.ref)
+    else:
+        from mt.io import read_lines
+        from mt.translate import load_translator, translate_lines, write_lines
+
+        if args.test_set:
+            if not args.language_pair:
+                raise MTError("-t/--test-set needs -l/--language-pair, e.g. -t wmt14 -l en-de")
+            sources, refs = load_test_set(args.test_set, args.language_pair)
+        else:
+            if not args.src or not args.ref:
+                raise MTError("eval --checkpoint needs --src and --ref, or -t and -l")
+            sources = list(read_lines(args.src))
+            _, refs = read_hyp_ref(args.src, args.ref)  # checks the line counts match
+        translator = load_translator(args.checkpoint, args.overrides, _search_overrides(args), args.device)
+        hyps = translate_lines(translator, sources)
+        if args.output:
+            write_lines(args.output, hyps)
+    for line in score(hyps, refs).format():
+        print(line)
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from mt.checkpoint import average_checkpoints, last_checkpoints
+
+    if args.checkpoints:
+        paths = [Path(p) for p in args.checkpoints]
+    elif args.run_dir:
+        paths = last_checkpoints(Path(args.run_dir), args.last)
+    else:
+        raise MTError("average needs --run-dir (with --last N) or --checkpoints A B ...")
+    output = Path(args.output) if args.output else (Path(args.run_dir or paths[0].parent) / "checkpoint_avg.pt")
+    average_checkpoints(paths, output)
+    print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) -> {output}")
+    return 0
+
+
+def _search_overrides(args: argparse.Namespace) -> list[str]:
+    pairs = {"beam_size": args.beam_size, "length_penalty": args.length_penalty, "method": args.method,
+             "max_tokens": args.max_tokens, "nbest": getattr(args, "nbest", None)}
+    return [f"decode.{k}={v}" for k, v in pairs.items() if v is not None]
+
+
+COMMANDS = {"train": cmd_train, "translate": cmd_translate, "eval": cmd_eval, "average": cmd_average}

@@ -1,0 +1,334 @@
+"""Experiment configuration: one dataclass per YAML section, loading, validation and `--set` overrides.
+
+A config file has up to five top-level keys: `run_dir` and the sections `data`, `model`, `train`, `decode`.
+Every key has a default, so a file only names what it changes. Validation is strict: an unknown key, a value
+of the wrong type or an impossible value stops with one line naming the file and the key (and, for a typo,
+the closest valid key), before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from mt.errors import MTError
+from mt.io import atomic_write_text
+
+
+@dataclass
+class DataConfig:
+    """Corpora, filtering, SentencePiece and batching."""
+
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    # A corpus is named by one string (see mt.data.read_corpus):
+    #   PREFIX              -> PREFIX.{src_lang}, PREFIX.{tgt_lang} (each plain or .gz)
+    #   FILE.tsv[.gz]       -> one tab-separated pair per line
+    #   hf:NAME[:CONFIG[:SPLIT]] -> Hugging Face `datasets` (hub name, local data file or saved dataset)
+    train: str = ""
+    valid: str = ""
+    test: str = ""
+    # Filters, in SentencePiece tokens (before BOS/EOS are added).
+    min_len: int = 1
+    max_len: int = 250
+    max_len_ratio: float = 9.0
+    # SentencePiece (Kudo & Richardson, 2018): the paper's shared source-target vocabulary is `joint_vocab`.
+    joint_vocab: bool = True
+    vocab_size: int = 8000
+    spm_model_type: str = "unigram"
+    character_coverage: float = 1.0
+    spm_max_sentences: int = 2_000_000  # sentences sampled to learn the vocabulary from a large corpus
+    # Token batching (Section 5.1: "batched together by approximate sequence length").
+    max_tokens: int = 4096  # padded tokens per side per batch (per process)
+    encode_threads: int = 0  # 0: all cores
+
+
+@dataclass
+class ModelConfig:
+    """The Transformer's shape (Section 3, Table 3). Vocabulary sizes come from the SentencePiece model."""
+
+    d_model: int = 512
+    n_heads: int = 8
+    n_layers: int = 6  # encoder layers
+    n_decoder_layers: Optional[int] = None  # None: same as n_layers
+    d_ff: int = 2048
+    dropout: float = 0.1  # P_drop: on sub-layer outputs and on embedding + position sums (Section 5.4)
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    norm: str = "post"  # "post": LayerNorm(x + Sublayer(x)) as in the paper; "pre": x + Sublayer(LayerNorm(x))
+    tie_embeddings: bool = True  # Section 3.4: target embedding = pre-softmax projection
+    max_positions: int = 1024  # sinusoid table size; extended on demand for longer inputs
+    activation_checkpointing: bool = False
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (Section 5.3), regularisation (Section 5.4) and the loop's bookkeeping."""
+
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA)
+    update_freq: int = 1  # gradient accumulation: batches per optimiser step
+    max_steps: int = 100_000
+    max_epochs: int = 0  # 0: no limit
+    max_time_minutes: float = 0.0  # wall-time budget; 0: no limit
+    patience: int = 0  # validations without improvement before stopping; 0: never stop early
+    label_smoothing: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.0
+    # lr = lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)   (Equation 3)
+    # or, with peak_lr set, the same curve rescaled so that it peaks at peak_lr at step = warmup_steps.
+    warmup_steps: int = 4000
+    lr_scale: float = 1.0
+    peak_lr: Optional[float] = None
+    clip_norm: float = 0.0  # 0: no clipping
+    validate_every: int = 1000
+    valid_bleu: bool = True  # greedy-decode the dev set at each validation
+    best_metric: str = "bleu"  # bleu | loss
+    log_every: int = 100
+    save_every: int = 1000
+    keep_checkpoints: int = 5
+    average_last: int = 5  # Section 6.1: average the last N checkpoints at the end; 0: do not
+    compile: bool = False
+    num_threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
+
+
+@dataclass
+class DecodeConfig:
+    """Search (Section 6.1: beam 4, length penalty 0.6, max output length input + 50)."""
+
+    method: str = "beam"  # beam | greedy | sample
+    beam_size: int = 4
+    length_penalty: float = 0.6
+    nbest: int = 1
+    max_len_a: float = 1.0  # max output length = max_len_a * input length + max_len_b
+    max_len_b: int = 50
+    max_tokens: int = 8192  # source tokens per translation batch
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+CHOICES = {
+    ("data", "spm_model_type"): ("unigram", "bpe", "char", "word"),
+    ("model", "norm"): ("post", "pre"),
+    ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("train", "best_metric"): ("bleu", "loss"),
+    ("decode", "method"): ("beam", "greedy", "sample"),
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or start from the defaults), apply `section.key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise MTError(f"{path}: config file not found") from None
+        except UnicodeDecodeError as e:
+            raise MTError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise MTError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise MTError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(Config, raw, where)
+    validate(cfg, where)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `--set section.key=value` to a raw config dict; the value is parsed as YAML (`1e-3`, `[0.9, 0.98]`)."""
+    if "=" not in item:
+        raise MTError(f"--set {item}: expected section.key=value")
+    dotted, value = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise MTError(f"--set {item}: {k} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise MTError(f"--set {item}: cannot parse value {value!r}") from None
+
+
+def from_dict(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a dict, checking every key and value type."""
+    if not isinstance(raw, dict):
+        raise MTError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(names)})"
+            raise MTError(f"{where}: unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = _convert(hints[key], value, where, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, key + ".")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise MTError(f"{where}: {key} must be a list of {len(args)} values, got {_show(value)}")
+        return tuple(_convert(a, v, where, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this function does not know is a programming error
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    raise MTError(f"{where}: {key} must be {tp.__name__}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation: values that parse but cannot work.
+
+
+def validate(cfg: Config, where: str = "<config>") -> None:
+    def bad(key: str, why: str) -> MTError:
+        return MTError(f"{where}: {key} {why}")
+
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise bad(f"{section}.{key}", f"must be one of {', '.join(allowed)}, got '{value}'{hint}")
+
+    d, m, t, s = cfg.data, cfg.model, cfg.train, cfg.decode
+    if d.src_lang == d.tgt_lang:
+        raise bad("data.src_lang", f"and data.tgt_lang must differ, both are '{d.src_lang}'")
+    positive = {
+        "data.vocab_size": d.vocab_size, "data.max_len": d.max_len, "data.max_tokens": d.max_tokens,
+        "data.spm_max_sentences": d.spm_max_sentences,
+        "model.d_model": m.d_model, "model.n_heads": m.n_heads, "model.n_layers": m.n_layers,
+        "model.d_ff": m.d_ff, "model.max_positions": m.max_positions,
+        "train.update_freq": t.update_freq, "train.max_steps": t.max_steps, "train.warmup_steps": t.warmup_steps,
+        "train.validate_every": t.validate_every, "train.log_every": t.log_every, "train.save_every": t.save_every,
+        "train.keep_checkpoints": t.keep_checkpoints, "train.lr_scale": t.lr_scale, "train.adam_eps": t.adam_eps,
+        "decode.beam_size": s.beam_size, "decode.nbest": s.nbest, "decode.max_tokens": s.max_tokens,
+        "decode.temperature": s.temperature,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise bad(key, f"must be positive, got {value}")
+    non_negative = {
+        "data.min_len": d.min_len, "data.encode_threads": d.encode_threads, "train.max_epochs": t.max_epochs,
+        "train.max_time_minutes": t.max_time_minutes, "train.patience": t.patience,
+        "train.weight_decay": t.weight_decay, "train.clip_norm": t.clip_norm, "train.average_last": t.average_last,
+        "train.num_threads": t.num_threads, "decode.max_len_b": s.max_len_b, "decode.max_len_a": s.max_len_a,
+        "decode.top_k": s.top_k, "decode.length_penalty": s.length_penalty,
+    }
+    if m.n_decoder_layers is not None:
+        non_negative["model.n_decoder_layers"] = m.n_decoder_layers
+    for key, value in non_negative.items():
+        if value < 0:
+            raise bad(key, f"must not be negative, got {value}")
+    probabilities = {
+        "model.dropout": m.dropout, "model.attention_dropout": m.attention_dropout,
+        "model.activation_dropout": m.activation_dropout, "train.label_smoothing": t.label_smoothing,
+    }
+    for key, value in probabilities.items():
+        if not 0.0 <= value < 1.0:
+            raise bad(key, f"must be in [0, 1), got {value}")
+    if d.min_len > d.max_len:
+        raise bad("data.min_len", f"({d.min_len}) is larger than data.max_len ({d.max_len})")
+    if d.max_len_ratio < 1.0:
+        raise bad("data.max_len_ratio", f"must be at least 1, got {d.max_len_ratio}")
+    if not 0.9 <= d.character_coverage <= 1.0:
+        raise bad("data.character_coverage", f"must be in [0.9, 1], got {d.character_coverage}")
+    if d.vocab_size < 8:
+        raise bad("data.vocab_size", f"must be at least 8 (4 special tokens + pieces), got {d.vocab_size}")
+    if d.max_tokens < d.max_len + 2:
+        raise bad("data.max_tokens", f"({d.max_tokens}) must hold one sentence of data.max_len + 2 tokens")
+    if m.d_model % m.n_heads:
+        raise bad("model.d_model", f"({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    if m.d_model % 2:
+        raise bad("model.d_model", f"must be even for the sinusoidal encodings, got {m.d_model}")
+    for i, b in enumerate(t.adam_betas):
+        if not 0.0 <= b < 1.0:
+            raise bad(f"train.adam_betas[{i}]", f"must be in [0, 1), got {b}")
+    if t.peak_lr is not None and t.peak_lr <= 0:
+        raise bad("train.peak_lr", f"must be positive, got {t.peak_lr}")
+    if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda"):
+        raise bad("train.device", f"must be auto, cpu, cuda or cuda:N, got '{t.device}'")
+    if not 0.0 < s.top_p <= 1.0:
+        raise bad("decode.top_p", f"must be in (0, 1], got {s.top_p}")
+    if s.nbest > s.beam_size and s.method == "beam":
+        raise bad("decode.nbest", f"({s.nbest}) cannot exceed decode.beam_size ({s.beam_size})")
+    if not cfg.run_dir:
+        raise bad("run_dir", "must not be empty")
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict (tuples as lists) for YAML and checkpoints."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every key, defaults included) as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
