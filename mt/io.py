@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -49,12 +50,17 @@ def open_text(path: str | Path) -> IO[bytes]:
 
 
 def read_lines(path: str | Path) -> Iterator[str]:
-    """Yield the lines of a UTF-8 text file (plain or .gz) without their line ending.
+    """Yield the lines of a UTF-8 text file (plain or .gz; '-' is stdin) without their line ending.
 
     Decoding is strict and per line, so invalid UTF-8 is reported with the file and line number rather than
     silently replaced.
     """
-    with open_text(path) as f:
+    if str(path) == "-":
+        path = "<stdin>"
+        stream = contextlib.nullcontext(sys.stdin.buffer)
+    else:
+        stream = open_text(path)
+    with stream as f:
         for number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")

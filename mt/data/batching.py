@@ -120,16 +120,20 @@ def batch_stats(batches: list[np.ndarray], src_lens: np.ndarray, tgt_lens: np.nd
 
 
 def iterate_batches(corpus: EncodedCorpus, max_tokens: int, seed: int, epoch: int, start: int = 0,
-                    shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, Batch]]:
-    """Yield (position, batch) for one epoch from batch `start` on.
+                    shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, Batch, int]]:
+    """Yield (position, batch, group_tokens) for one epoch from batch `start` on.
 
     `shard=(rank, world)` gives each of `world` processes every world-th batch, after trimming the epoch to a
     multiple of `world` so every rank takes the same number of steps (the few trimmed batches come back
-    in other epochs, whose shuffle differs).
+    in other epochs, whose shuffle differs). `group_tokens` counts the target tokens of the batches all
+    ranks take at this position, computed locally from the shared batch order, so each rank can normalise
+    its loss by the global token count without communicating.
     """
     batches = make_batches(corpus.src_lens, corpus.tgt_lens, max_tokens, seed, epoch)
     rank, world = shard
-    usable = len(batches) - len(batches) % world if len(batches) >= world else len(batches)
-    mine = batches[rank:usable:world]
-    for position in range(start, len(mine)):
-        yield position, collate(corpus, mine[position])
+    usable = len(batches) - len(batches) % world
+    tgt_lens = corpus.tgt_lens
+    for position in range(start, usable // world):
+        group = batches[position * world:(position + 1) * world]
+        group_tokens = sum(int(tgt_lens[b].sum()) + len(b) for b in group)
+        yield position, collate(corpus, group[rank]), group_tokens

@@ -1,0 +1,131 @@
+"""Checkpoints: atomic saving, safe loading, rebuilding a model from a checkpoint alone, and averaging.
+
+A checkpoint is a plain dict of tensors and primitive values, so it loads with `torch.load(weights_only=True)`
+and runs no pickled code. It carries everything `translate` needs (the model's own config and vocabulary
+sizes, the SentencePiece model bytes) and everything `train --resume` needs (optimiser, scaler, step, data
+position, RNG states).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mt.config import Config, ModelConfig, from_dict, to_dict
+from mt.data import PAD, Vocab
+from mt.errors import MTError
+from mt.io import atomic_open
+from mt.model import Transformer
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+STEP_FILE = re.compile(r"checkpoint_(\d+)\.pt$")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write `state` to `path` through a temporary file, so a crash never leaves a truncated checkpoint."""
+    with atomic_open(path, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MTError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise MTError(f"{path}: not a readable mt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+        raise MTError(f"{path}: not an mt checkpoint (format {FORMAT})")
+    return state
+
+
+def model_spec(cfg: ModelConfig, vocab: Vocab) -> dict[str, Any]:
+    """The arguments that rebuild the network; stored in every checkpoint."""
+    return {"cfg": to_dict(cfg), "src_vocab_size": vocab.src_size, "tgt_vocab_size": vocab.tgt_size,
+            "pad_id": PAD, "share_all_embeddings": vocab.joint}
+
+
+def build_model(spec: dict[str, Any]) -> Transformer:
+    return Transformer(from_dict(ModelConfig, spec["cfg"], "<checkpoint>"), spec["src_vocab_size"],
+                       spec["tgt_vocab_size"], pad_id=spec["pad_id"],
+                       share_all_embeddings=spec["share_all_embeddings"])
+
+
+def vocab_state(vocab: Vocab) -> dict[str, Any]:
+    return {"src": vocab.src_proto, "tgt": None if vocab.joint else vocab.tgt_proto, "identity": vocab.identity}
+
+
+def load_for_inference(path: str | Path) -> tuple[Transformer, Vocab, Config]:
+    """Rebuild the model, its vocabulary and its config from a checkpoint alone."""
+    state = load_checkpoint(path)
+    model = build_model(state["model_spec"])
+    model.load_state_dict(state["model"])
+    vocab = Vocab.from_protos(state["vocab"]["src"], state["vocab"]["tgt"])
+    cfg = from_dict(Config, state["config"], str(path))
+    return model.eval(), vocab, cfg
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's `checkpoint_<step>.pt` files, oldest step first."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint_*.pt") if (m := STEP_FILE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def last_checkpoints(run_dir: Path, n: int) -> list[Path]:
+    paths = step_checkpoints(run_dir)
+    if not paths:
+        raise MTError(f"{run_dir}: no checkpoint_<step>.pt files to average")
+    if n < 1:
+        raise MTError(f"--last must be at least 1, got {n}")
+    return paths[-n:]
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for path in step_checkpoints(run_dir)[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Make `dst` hold the same bytes as `src` atomically (a hard link when the file system allows)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def average_checkpoints(paths: list[Path], output: Path) -> None:
+    """Average the parameters of `paths` (Section 6.1) into a checkpoint that `translate` can load.
+
+    The average is taken in float64 and cast back, so the order of the files does not change the result
+    beyond rounding; the last checkpoint's config and vocabulary go with it, and training state is dropped.
+    """
+    if not paths:
+        raise MTError("no checkpoints to average")
+    total: dict[str, torch.Tensor] = {}
+    first = None
+    for path in paths:
+        state = load_checkpoint(path)
+        if first is None:
+            first = state
+        elif state["model_spec"] != first["model_spec"]:
+            raise MTError(f"{path}: a different model shape from {paths[0]}; only checkpoints of one run average")
+        for k, v in state["model"].items():
+            total[k] = total[k] + v.double() if k in total else v.double()
+    last = state
+    model = {k: (v / len(paths)).to(last["model"][k].dtype) for k, v in total.items()}
+    save_checkpoint(output, {
+        "model": model, "model_spec": last["model_spec"], "config": last["config"], "vocab": last["vocab"],
+        "step": last.get("step"), "averaged": [str(p) for p in paths],
+    })

@@ -1,0 +1,128 @@
+"""Text in, translations out: one output line per input line, in input order.
+
+Input is read in chunks (so stdin streams and memory stays flat on a long input); inside a chunk sentences
+are sorted by length and cut into token-budget batches for speed, then written back in their original order.
+An empty input line gives an empty output line without running the model. Output files are written
+atomically; stdout is written chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from mt.checkpoint import load_for_inference
+from mt.config import DecodeConfig, apply_override, from_dict, to_dict, validate, Config
+from mt.data import BOS, EOS, PAD, Vocab, make_batches
+from mt.io import atomic_open, read_lines
+from mt.model import Transformer
+from mt.search import SearchOutput, beam_search, greedy_search, sample
+
+log = logging.getLogger(__name__)
+
+CHUNK_LINES = 10_000
+
+
+@dataclass
+class Translator:
+    model: Transformer
+    vocab: Vocab
+    decode: DecodeConfig
+    device: torch.device
+
+
+def load_translator(checkpoint: str | Path, overrides: Iterable[str] = (), search_overrides: Iterable[str] = (),
+                    device: str | None = None) -> Translator:
+    """Rebuild the model from `checkpoint` alone; `overrides` (`decode.beam_size=5`) adjust the search."""
+    model, vocab, cfg = load_for_inference(checkpoint)
+    raw = to_dict(cfg)
+    for item in [*overrides, *search_overrides]:
+        apply_override(raw, item)
+    cfg = from_dict(Config, raw, f"{checkpoint} (with overrides)")
+    validate(cfg, f"{checkpoint} (with overrides)")
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Translator(model.to(dev), vocab, cfg.decode, dev)
+
+
+def search(model: Transformer, src: torch.Tensor, dc: DecodeConfig) -> SearchOutput:
+    """src (batch, src_len) -> the configured search's output."""
+    common = dict(bos=BOS, eos=EOS, pad=PAD, max_len_a=dc.max_len_a, max_len_b=dc.max_len_b)
+    if dc.method == "greedy":
+        return greedy_search(model, src, **common)
+    if dc.method == "sample":
+        return sample(model, src, temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p, **common)
+    return beam_search(model, src, beam_size=dc.beam_size, length_penalty=dc.length_penalty, nbest=dc.nbest,
+                       **common)
+
+
+def translate_nbest(t: Translator, lines: list[str]) -> list[list[tuple[str, float]]]:
+    """Translate `lines`; for each, its n-best (text, score) list, best first (empty lines: [("", 0.0)])."""
+    results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
+    todo = [i for i, line in enumerate(lines) if line.strip()]
+    if not todo:
+        return results
+    ids = t.vocab.src.encode([lines[i] for i in todo])
+    lens = np.fromiter(map(len, ids), np.int64, len(ids))
+    for batch in make_batches(lens, np.zeros_like(lens), t.decode.max_tokens, 0, 0, shuffle=False):
+        width = int(lens[batch].max()) + 1
+        src = torch.full((len(batch), width), PAD, dtype=torch.long)
+        for row, j in enumerate(batch.tolist()):  # building the input tensor, not the decoding loop
+            src[row, :lens[j]] = torch.tensor(ids[j], dtype=torch.long)
+            src[row, lens[j]] = EOS
+        out = search(t.model, src.to(t.device), t.decode)
+        tokens, scores = out.tokens.tolist(), out.scores.tolist()
+        for row, j in enumerate(batch.tolist()):
+            results[todo[j]] = [
+                (t.vocab.tgt.decode([x for x in hyp if x not in (PAD, EOS)]), score)
+                for hyp, score in zip(tokens[row], scores[row])
+            ]
+    return results
+
+
+def translate_lines(t: Translator, lines: list[str]) -> list[str]:
+    return [nbest[0][0] for nbest in translate_nbest(t, lines)]
+
+
+def write_lines(path: str | Path, lines: Iterable[str]) -> None:
+    with atomic_open(path, "w") as f:
+        for line in lines:
+            f.write(line + "\n")
+
+
+def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(lines)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def translate_stream(t: Translator, input: str = "-", output: str = "-", nbest: int | None = None) -> int:
+    """Translate `input` (a path or '-' for stdin) into `output` (a path or '-'); returns the line count."""
+    lines = read_lines(input)
+    count = 0
+
+    def formatted() -> Iterator[str]:
+        nonlocal count
+        for chunk in _chunks(lines, CHUNK_LINES):
+            for k, hyps in enumerate(translate_nbest(t, chunk)):
+                if nbest:
+                    for text, score in hyps[:nbest]:
+                        yield f"{count + k} ||| {text} ||| {score:.4f}"
+                else:
+                    yield hyps[0][0]
+            count += len(chunk)
+            log.info("translated %d lines", count)
+
+    if output == "-":
+        for line in formatted():
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    else:
+        write_lines(output, formatted())
+    return count

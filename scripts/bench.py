@@ -1,0 +1,251 @@
+"""Speed, side by side: mt against Hugging Face `MarianMTModel` of the same size, in one run, alternating.
+
+    pip install -e ".[bench]" -c <(echo torch==$(python -c 'import torch; print(torch.__version__)'))
+    python scripts/bench.py                    # d_model 256, 3+3 layers (the Multi30k size)
+    python scripts/bench.py --size base        # the paper's base size (slow on a CPU)
+
+For each system it times (median of --reps repetitions, the two systems alternating within a repetition):
+  * a training step (forward, label-smoothed loss, backward, Adam) on the same Multi30k token batches, fp32
+    and bf16 autocast: target tokens/s, and mt's model FLOPs utilisation against a matmul peak measured in
+    this run;
+  * beam-4 decoding of the same 500 test_2016_flickr sentences with the output length fixed (end of
+    sentence suppressed for both, so both do the same work): sentences/s;
+  * peak memory: each measurement again in a fresh process, peak RSS above the process's RSS after set-up.
+Prints a table with the ratio mt / HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "multi30k"
+SIZES = {
+    "small": dict(d_model=256, n_heads=4, n_layers=3, d_ff=1024),
+    "base": dict(d_model=512, n_heads=8, n_layers=6, d_ff=2048),
+}
+VOCAB = 8000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared inputs
+
+
+def prepare(work: Path, max_tokens: int, n_batches: int, n_sentences: int):
+    """Token batches of Multi30k train and the first test sentences, encoded with an 8k joint vocabulary."""
+    from mt.config import DataConfig
+    from mt.data import collate, make_batches, prepare_data
+
+    cfg = DataConfig(src_lang="de", tgt_lang="en", train=str(DATA / "train"), valid="", vocab_size=VOCAB,
+                     max_len=100)
+    data = prepare_data(cfg, work)
+    order = make_batches(data.train.src_lens, data.train.tgt_lens, max_tokens, seed=1, epoch=0)
+    batches = [collate(data.train, b) for b in order[:n_batches]]
+    lines = (DATA / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:n_sentences]
+    return data.vocab, batches, lines
+
+
+def build(system: str, size: str, vocab_size: int):
+    from mt.config import ModelConfig
+
+    s = SIZES[size]
+    if system == "mt":
+        from mt.model import Transformer
+
+        return Transformer(ModelConfig(**s, dropout=0.1), vocab_size, vocab_size, pad_id=0,
+                           share_all_embeddings=True)
+    from transformers import MarianConfig, MarianMTModel
+
+    cfg = MarianConfig(
+        vocab_size=vocab_size, d_model=s["d_model"], encoder_layers=s["n_layers"], decoder_layers=s["n_layers"],
+        encoder_attention_heads=s["n_heads"], decoder_attention_heads=s["n_heads"],
+        encoder_ffn_dim=s["d_ff"], decoder_ffn_dim=s["d_ff"], activation_function="relu", dropout=0.1,
+        attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=512, scale_embedding=True,
+        pad_token_id=0, eos_token_id=3, bos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+        share_encoder_decoder_embeddings=True)
+    return MarianMTModel(cfg)
+
+
+def logits_fn(system: str, model):
+    if system == "mt":
+        return lambda src, tgt_in: model(src, tgt_in)
+    return lambda src, tgt_in: model(input_ids=src, attention_mask=src.ne(0), decoder_input_ids=tgt_in,
+                                     decoder_attention_mask=tgt_in.ne(0)).logits
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def train_run(system: str, model, batches, precision: str) -> float:
+    """Seconds for one pass of training steps over `batches` (same loss code for both systems)."""
+    from mt.train import label_smoothed_loss
+
+    model.train()
+    forward = logits_fn(system, model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+    start = time.perf_counter()
+    for b in batches:
+        with ctx:
+            logits = forward(b.src, b.tgt_in)
+        loss, _ = label_smoothed_loss(logits.flatten(0, 1), b.tgt_out.flatten(), 0.1)
+        (loss / b.n_tgt_tokens).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def decode_run(system: str, model, vocab, lines: list[str], out_len: int, batch_size: int) -> float:
+    """Seconds to beam-4 decode `lines` to exactly `out_len` tokens each."""
+    from mt.search import beam_search
+
+    model.eval()
+    ids = vocab.src.encode(lines)
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    start = time.perf_counter()
+    for i in range(0, len(order), batch_size):
+        chunk = [ids[j] + [3] for j in order[i:i + batch_size]]
+        width = max(map(len, chunk))
+        src = torch.tensor([x + [0] * (width - len(x)) for x in chunk])
+        with torch.inference_mode():
+            if system == "mt":
+                beam_search(model, src, beam_size=4, length_penalty=0.6, bos=2, eos=3, pad=0,
+                            max_len_a=0.0, max_len_b=out_len, min_len=out_len)
+            else:
+                model.generate(input_ids=src, attention_mask=src.ne(0), num_beams=4, length_penalty=0.6,
+                               min_new_tokens=out_len, max_new_tokens=out_len, do_sample=False,
+                               early_stopping=False)
+    return time.perf_counter() - start
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Measured FLOP/s of a large square matmul: the peak MFU is reported against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def train_flops(size: str, vocab_size: int, batches) -> float:
+    """Model FLOPs (forward + backward = 3x forward, multiply-add = 2) of one pass over `batches`.
+
+    Counts the matrix products of the paper's architecture on the padded shapes: projections, feed-forward,
+    attention scores and sums, and the output projection. Embedding look-ups and norms are not counted.
+    """
+    s = SIZES[size]
+    d, f, n = s["d_model"], s["d_ff"], s["n_layers"]
+    total = 0.0
+    for b in batches:
+        B, S = b.src.shape
+        T = b.tgt_in.shape[1]
+        enc = n * B * S * (4 * d * d + 2 * d * f + 2 * S * d)
+        dec = n * B * T * (4 * d * d + 2 * d * f + 2 * T * d  # self-attention + FFN
+                           + 2 * d * d + 2 * S * d)  # cross-attention: Q, output and the scores/sums
+        dec += n * B * S * 2 * d * d  # cross-attention K, V over the source
+        out = B * T * d * vocab_size
+        total += 3 * 2 * (enc + dec + out)
+    return total
+
+
+def memory_probe(args) -> None:
+    """Run one measurement in this (fresh) process; print the peak RSS above the RSS after set-up."""
+    torch.manual_seed(0)
+    vocab, batches, lines = prepare(Path(args.work), args.max_tokens, args.train_batches, args.sentences)
+    model = build(args.system, args.size, vocab.src_size)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.probe == "train":
+        train_run(args.system, model, batches, "fp32")
+    else:
+        decode_run(args.system, model, vocab, lines[:100], args.out_len, args.decode_batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": (peak - base) / 1024}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--train-batches", type=int, default=6)
+    ap.add_argument("--sentences", type=int, default=500)
+    ap.add_argument("--out-len", type=int, default=20, help="fixed output length for decoding")
+    ap.add_argument("--decode-batch", type=int, default=100, help="sentences per decoding batch")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=("train", "decode", "memory"))
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--probe", choices=("train", "decode"), help=argparse.SUPPRESS)
+    ap.add_argument("--system", choices=("mt", "hf"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.probe:
+        memory_probe(args)
+        return 0
+
+    torch.manual_seed(0)
+    vocab, batches, lines = prepare(Path(args.work), args.max_tokens, args.train_batches, args.sentences)
+    models = {name: build(name, args.size, vocab.src_size) for name in ("mt", "hf")}
+    n_tokens = sum(b.n_tgt_tokens for b in batches)
+    print(f"size {args.size} {SIZES[args.size]}, vocab {vocab.src_size}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {len(batches)} batches of <= {args.max_tokens} tokens "
+          f"({n_tokens} target tokens); {len(lines)} sentences decoded to {args.out_len} tokens, beam 4")
+    rows = []
+    if "train" not in args.skip:
+        flops = train_flops(args.size, vocab.src_size, batches)
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            peak = matmul_peak(dtype)
+            times = {name: [] for name in models}
+            for name in models:  # warm-up
+                train_run(name, models[name], batches[:2], precision)
+            for _ in range(args.reps):
+                for name in models:
+                    times[name].append(train_run(name, models[name], batches, precision))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            mfu = flops / med["mt"] / peak
+            rows.append((f"train tokens/s {precision}", n_tokens / med["mt"], n_tokens / med["hf"],
+                         f"mt MFU {100 * mfu:.1f}% of {peak / 1e9:.0f} GFLOP/s matmul"))
+    if "decode" not in args.skip:
+        times = {name: [] for name in models}
+        for name in models:
+            decode_run(name, models[name], vocab, lines[:args.decode_batch], 3, args.decode_batch)
+        for _ in range(max(1, args.reps // 2)):
+            for name in models:
+                times[name].append(decode_run(name, models[name], vocab, lines, args.out_len, args.decode_batch))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append(("beam-4 sentences/s", len(lines) / med["mt"], len(lines) / med["hf"], ""))
+    if "memory" not in args.skip:
+        for probe in ("train", "decode"):
+            peak = {}
+            for name in models:
+                cmd = [sys.executable, __file__, "--probe", probe, "--system", name, "--size", args.size,
+                       "--work", args.work, "--max-tokens", str(args.max_tokens), "--train-batches",
+                       str(args.train_batches), "--sentences", str(args.sentences), "--out-len",
+                       str(args.out_len), "--decode-batch", str(args.decode_batch), "--threads", str(args.threads)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                peak[name] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+            rows.append((f"peak memory MiB, {probe} (lower is better)", peak["mt"], peak["hf"], ""))
+
+    print(f"\n| {'measure':42s} | {'mt':>10s} | {'HF':>10s} | {'mt/HF':>6s} | note")
+    print(f"|{'-' * 44}|{'-' * 12}|{'-' * 12}|{'-' * 8}|------")
+    for what, ours, theirs, note in rows:
+        print(f"| {what:42s} | {ours:10.1f} | {theirs:10.1f} | {ours / max(theirs, 1e-9):6.2f} | {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Training: the loss, the schedule, overfitting a tiny corpus, kill-and-resume, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mt.checkpoint import average_checkpoints, load_checkpoint, load_for_inference, step_checkpoints
+from mt.config import TrainConfig, load_config
+from mt.data import prepare_data
+from mt.errors import MTError
+from mt.train import Trainer, label_smoothed_loss, learning_rate
+
+MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+
+
+def test_label_smoothed_loss_matches_hand_computation():
+    # Two real targets and one pad over a vocabulary of 3; epsilon 0.1.
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [9.0, 9.0, 9.0]])
+    target = torch.tensor([0, 2, 1])
+    pad = 1
+    lp = F.log_softmax(logits, -1)
+    nll = -(lp[0, 0] + lp[1, 2])
+    smooth = 0.9 * nll + 0.1 * (-(lp[0].sum() + lp[1].sum()) / 3)
+    loss, got_nll = label_smoothed_loss(logits, target, 0.1, pad=pad)
+    torch.testing.assert_close(got_nll, nll)
+    torch.testing.assert_close(loss, smooth)
+
+
+def test_label_smoothed_loss_equals_torch_cross_entropy_with_label_smoothing():
+    torch.manual_seed(0)
+    logits, target = torch.randn(40, 11), torch.randint(0, 11, (40,))
+    loss, nll = label_smoothed_loss(logits, target, 0.1, pad=0)
+    ref = F.cross_entropy(logits, target, label_smoothing=0.1, ignore_index=0, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(nll, F.cross_entropy(logits, target, ignore_index=0, reduction="sum"))
+
+
+def test_schedule_follows_equation_3_of_the_paper():
+    cfg = TrainConfig(warmup_steps=4000)
+    d = 512
+    assert learning_rate(1, cfg, d) == pytest.approx(d ** -0.5 * 4000 ** -1.5)
+    assert learning_rate(4000, cfg, d) == pytest.approx(d ** -0.5 * 4000 ** -0.5)  # the peak: 6.99e-4
+    assert learning_rate(4000, cfg, d) == pytest.approx(6.988e-4, rel=1e-3)
+    assert learning_rate(16000, cfg, d) == pytest.approx(learning_rate(4000, cfg, d) / 2)
+    assert learning_rate(2000, cfg, d) == pytest.approx(learning_rate(4000, cfg, d) / 2)
+    scaled = TrainConfig(warmup_steps=4000, lr_scale=2.0)
+    assert learning_rate(100, scaled, d) == pytest.approx(2 * learning_rate(100, cfg, d))
+
+
+def test_peak_lr_form_peaks_at_warmup_with_the_given_value():
+    cfg = TrainConfig(warmup_steps=100, peak_lr=1e-3)
+    values = [learning_rate(s, cfg, 512) for s in range(1, 1000)]
+    assert max(values) == pytest.approx(1e-3)
+    assert values.index(max(values)) + 1 == 100
+    assert learning_rate(400, cfg, 512) == pytest.approx(5e-4)
+
+
+def _tiny_config(tmp_path: Path, corpus: Path, *extra: str):
+    return load_config("configs/tiny.yaml", [
+        f"run_dir={tmp_path / 'run'}", f"data.train={corpus}", f"data.valid={corpus}", *extra])
+
+
+def _write_corpus(path: Path, n: int = 50) -> Path:
+    de = (MULTI30K / "val.de").read_text(encoding="utf-8").splitlines()[:n]
+    en = (MULTI30K / "val.en").read_text(encoding="utf-8").splitlines()[:n]
+    path.with_suffix(".de").write_text("\n".join(de) + "\n", encoding="utf-8")
+    path.with_suffix(".en").write_text("\n".join(en) + "\n", encoding="utf-8")
+    return path
+
+
+def test_tiny_model_overfits_50_pairs(tmp_path):
+    corpus = _write_corpus(tmp_path / "pairs")
+    cfg = _tiny_config(tmp_path, corpus, "model.d_model=64", "model.d_ff=128", "train.max_steps=300",
+                       "train.validate_every=300", "train.save_every=300", "train.label_smoothing=0.0",
+                       "train.peak_lr=3e-3", "train.warmup_steps=30", "data.vocab_size=300",
+                       "data.max_tokens=4096", "train.log_every=50")
+    data = prepare_data(cfg.data, cfg.run_dir)
+    result = Trainer(cfg, data).fit()
+    records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    assert train_losses[0] > 4.0 and train_losses[-1] < 0.2, train_losses
+    # Memorised: greedy decoding of the training sources reproduces the references.
+    assert result.last_valid["valid_bleu"] > 90, result.last_valid
+    assert result.last_valid["valid_ppl"] < 1.3
+
+
+def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    corpus = _write_corpus(tmp_path / "pairs", n=40)
+    common = ["model.dropout=0.1", "train.validate_every=6", "train.save_every=3", "data.max_tokens=256",
+              "train.valid_bleu=false", "train.average_last=0"]
+    straight = _tiny_config(tmp_path / "a", corpus, "train.max_steps=12", *common)
+    Trainer(straight, prepare_data(straight.data, straight.run_dir)).fit()
+
+    interrupted = _tiny_config(tmp_path / "b", corpus, "train.max_steps=7", *common)  # stops mid-epoch
+    Trainer(interrupted, prepare_data(interrupted.data, interrupted.run_dir)).fit()
+    resumed = _tiny_config(tmp_path / "b", corpus, "train.max_steps=12", *common)
+    Trainer(resumed, prepare_data(resumed.data, resumed.run_dir), resume=True).fit()
+
+    a = load_checkpoint(Path(straight.run_dir) / "checkpoint_last.pt")
+    b = load_checkpoint(Path(resumed.run_dir) / "checkpoint_last.pt")
+    assert a["progress"]["step"] == b["progress"]["step"] == 12
+    assert a["progress"]["epoch"] == b["progress"]["epoch"] >= 1  # the runs crossed an epoch boundary
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_checkpoints_load_safely_and_rebuild_the_model_alone(tmp_path):
+    corpus = _write_corpus(tmp_path / "pairs")
+    cfg = _tiny_config(tmp_path, corpus, "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=2",
+                       "train.validate_every=3", "train.average_last=2")
+    result = Trainer(cfg, prepare_data(cfg.data, cfg.run_dir)).fit()
+    run = Path(cfg.run_dir)
+    assert [p.name for p in step_checkpoints(run)] == ["checkpoint_4.pt", "checkpoint_6.pt"]  # kept the last 2
+    assert result.averaged == run / "checkpoint_avg.pt"
+    model, vocab, loaded = load_for_inference(run / "checkpoint_avg.pt")
+    a, b = (load_checkpoint(p)["model"] for p in step_checkpoints(run))
+    key = next(k for k in a if a[k].is_floating_point())
+    torch.testing.assert_close(model.state_dict()[key], (a[key] + b[key]) / 2)
+    assert loaded.model.d_model == cfg.model.d_model and vocab.tgt_size > 8
+    assert not list(run.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_average_rejects_checkpoints_of_different_models(tmp_path):
+    corpus = _write_corpus(tmp_path / "pairs")
+    paths = []
+    for name, d in (("x", 32), ("y", 48)):
+        cfg = _tiny_config(tmp_path / name, corpus, "train.max_steps=1", f"model.d_model={d}",
+                           "train.average_last=0", "train.valid_bleu=false")
+        Trainer(cfg, prepare_data(cfg.data, cfg.run_dir)).fit()
+        paths.append(Path(cfg.run_dir) / "checkpoint_last.pt")
+    with pytest.raises(MTError, match="different model"):
+        average_checkpoints(paths, tmp_path / "avg.pt")
+
+
+def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path):
+    corpus = _write_corpus(tmp_path / "pairs")
+    cfg = _tiny_config(tmp_path, corpus)
+    with pytest.raises(MTError, match="no checkpoint to resume"):
+        Trainer(cfg, prepare_data(cfg.data, cfg.run_dir), resume=True)
+
+
+def test_validation_reports_loss_perplexity_and_bleu(tmp_path):
+    corpus = _write_corpus(tmp_path / "pairs")
+    cfg = _tiny_config(tmp_path, corpus, "train.max_steps=2", "train.validate_every=2", "train.average_last=0")
+    result = Trainer(cfg, prepare_data(cfg.data, cfg.run_dir)).fit()
+    v = result.last_valid
+    assert v["valid_ppl"] == pytest.approx(math.exp(v["valid_nll"]))
+    assert 0.0 <= v["valid_bleu"] <= 100.0
+    assert v["valid_nll"] > 0.0
