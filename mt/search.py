@@ -9,8 +9,8 @@ Every search talks to the model through three calls only, so tests can drive it 
 The one Python loop is over time steps; sentences and beams are handled as tensor rows. Each step makes one
 small host read (how many sentences are done) to stop early and drop finished sentences from the batch.
 
-Lengths count output tokens including the final EOS, both for the maximum length and for the length
-penalty (as fairseq does).
+Lengths count output tokens including the final EOS: for the maximum length, for `min_len` and for the
+length penalty (as fairseq does).
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ def max_lengths(src: Tensor, pad: int, max_len_a: float, max_len_b: int) -> Tens
 
 
 def _constrain(lprobs: Tensor, step: int, limit: Tensor, eos: int, min_len: int) -> Tensor:
-    """Forbid EOS before `min_len` tokens; force it at the row's limit. lprobs (R, V), limit (R,)."""
-    if step < min_len:
-        lprobs[:, eos] = -torch.inf
+    """Before `min_len` output tokens (EOS included) forbid EOS; at the row's length limit allow nothing
+    but EOS, which keeps its own log-probability so scores stay the model's. The limit wins over min_len.
+    lprobs (R, V), limit (R,)."""
     at_limit = (step + 1 >= limit).unsqueeze(1)
-    forced = torch.full_like(lprobs, -torch.inf)
-    forced[:, eos] = 0.0
-    return torch.where(at_limit, forced, lprobs)
+    is_eos = torch.zeros(lprobs.size(-1), dtype=torch.bool, device=lprobs.device)
+    is_eos[eos] = True
+    if step + 1 < min_len:
+        lprobs = lprobs.masked_fill(is_eos & ~at_limit, -torch.inf)
+    return lprobs.masked_fill(at_limit & ~is_eos, -torch.inf)
 
 
 def top_k_top_p_filter(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
