@@ -115,26 +115,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from mt.config import load_config, save_config
     from mt.data import batch_stats, make_batches, prepare_data
+    from mt.train import init_distributed, resolve_device, train
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    # Under torchrun, rank 0 learns the vocabulary and writes the cache while the others wait, then reuse it.
+    rank, world = (0, 1) if args.prepare_only else init_distributed(resolve_device(cfg.train.device))
+    if rank > 0:
+        torch.distributed.barrier()
+    else:
+        save_config(cfg, run_dir / "config.yaml")
     data = prepare_data(cfg.data, run_dir)
-    stats = batch_stats(make_batches(data.train.src_lens, data.train.tgt_lens, cfg.data.max_tokens,
-                                     cfg.train.seed, 0), data.train.src_lens, data.train.tgt_lens)
-    print(f"vocabulary: {data.vocab.src_size} pieces ({'joint' if data.vocab.joint else 'separate'}) in {run_dir}")
-    print(f"train: {len(data.train)} pairs; dev: {len(data.valid) if data.valid else 0} pairs")
-    print(f"batches at {cfg.data.max_tokens} tokens per side: {stats}")
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        stats = batch_stats(make_batches(data.train.src_lens, data.train.tgt_lens, cfg.data.max_tokens,
+                                         cfg.train.seed, 0), data.train.src_lens, data.train.tgt_lens)
+        print(f"vocabulary: {data.vocab.src_size} pieces ({'joint' if data.vocab.joint else 'separate'}) in {run_dir}")
+        print(f"train: {len(data.train)} pairs; dev: {len(data.valid) if data.valid else 0} pairs")
+        print(f"batches at {cfg.data.max_tokens} tokens per side: {stats}"
+              + (f" ({world} processes: global batch = {world} x update_freq {cfg.train.update_freq} batches)"
+                 if world > 1 else ""))
     if args.prepare_only:
         return 0
-    from mt.train import train
 
     result = train(cfg, data, resume=args.resume)
-    for line in result.summary():
-        print(line)
+    if rank == 0:
+        for line in result.summary():
+            print(line)
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 

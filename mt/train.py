@@ -417,8 +417,8 @@ class Trainer:
                 log_loss.zero_()
                 log_nll.zero_()
                 log_tokens, log_start = 0, now
-            # Ranks see slightly different clocks: rank 0 decides, at log steps only (a collective).
-            if p.step % tc.log_every == 0 and self._agree(p.elapsed >= budget):
+            # Ranks see slightly different clocks: under torchrun rank 0 decides, at log steps only (a collective).
+            if (self.world == 1 or p.step % tc.log_every == 0) and self._agree(p.elapsed >= budget):
                 stop = f"max_time_minutes {tc.max_time_minutes:g}"
             best = False
             if p.step % tc.validate_every == 0 or (stop and self.data.valid is not None):

@@ -1,0 +1,33 @@
+"""Shared fixtures: paths to the real corpora and one tiny trained checkpoint for the CLI tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+MULTI30K = DATA / "multi30k"
+
+
+def write_pairs(prefix: Path, n: int, src: str = "de", tgt: str = "en", split: str = "val") -> Path:
+    """The first n Multi30k `split` pairs as PREFIX.src / PREFIX.tgt."""
+    for lang in (src, tgt):
+        lines = (MULTI30K / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()[:n]
+        Path(f"{prefix}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny de->en model trained for a few steps on 200 Multi30k pairs (seconds)."""
+    from mt.cli import main
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    prefix = write_pairs(tmp / "pairs", 200)
+    args = ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--quiet",
+            "--set", f"run_dir={tmp / 'run'}", "--set", f"data.train={prefix}", "--set", f"data.valid={prefix}",
+            "--set", "train.max_steps=30", "--set", "train.validate_every=30", "--set", "train.save_every=15"]
+    assert main(args) == 0
+    return tmp / "run" / "checkpoint_avg.pt"

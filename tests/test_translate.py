@@ -1,0 +1,86 @@
+"""`mt translate`: one line out per line in, input order kept, empty and long lines, stdin, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mt import translate as translate_module
+from mt.cli import main
+from mt.translate import load_translator, translate_lines
+
+from conftest import MULTI30K
+
+
+def run_cli(*args, stdin: bytes | None = None):
+    return subprocess.run([sys.executable, "-m", "mt", *args], input=stdin, capture_output=True)
+
+
+def test_output_keeps_line_count_and_order_with_empty_and_overlong_lines(tiny_checkpoint, tmp_path):
+    lines = (MULTI30K / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:12]
+    overlong = " ".join(lines * 6)  # far beyond the training length limit (data.max_len 64)
+    lines = [lines[0], "", lines[1], "   ", overlong, *lines[2:]]
+    src = tmp_path / "in.de"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out.en"
+    assert main(["translate", "--checkpoint", str(tiny_checkpoint), "--input", str(src), "--output", str(out),
+                 "--quiet"]) == 0
+    got = out.read_text(encoding="utf-8").split("\n")[:-1]
+    assert len(got) == len(lines)
+    assert got[1] == "" and got[3] == ""
+    assert got[4] != ""  # the over-long line is translated, not dropped
+    # Order: each line translated on its own gives the line at the same position.
+    t = load_translator(tiny_checkpoint)
+    for i in (0, 2, 5, len(lines) - 1):
+        assert translate_lines(t, [lines[i]]) == [got[i]]
+
+
+def test_stdin_is_streamed_in_chunks_with_the_same_result(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    lines = (MULTI30K / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:10]
+    src = tmp_path / "in.de"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    whole = run_cli("translate", "--checkpoint", str(tiny_checkpoint), "--quiet",
+                    stdin=src.read_bytes())
+    assert whole.returncode == 0, whole.stderr
+    monkeypatch.setattr(translate_module, "CHUNK_LINES", 3)  # 4 chunks instead of 1
+    out = tmp_path / "out.en"
+    assert main(["translate", "--checkpoint", str(tiny_checkpoint), "--input", str(src), "--output", str(out),
+                 "--quiet"]) == 0
+    assert out.read_bytes() == whole.stdout
+    assert whole.stdout.count(b"\n") == 10
+
+
+def test_nbest_lists_give_n_scored_hypotheses_per_line(tiny_checkpoint, tmp_path):
+    src = tmp_path / "in.de"
+    src.write_text("Ein Hund läuft.\nZwei Männer.\n", encoding="utf-8")
+    r = run_cli("translate", "--checkpoint", str(tiny_checkpoint), "--input", str(src), "--beam-size", "3",
+                "--nbest", "3", "--quiet")
+    rows = [line.split(" ||| ") for line in r.stdout.decode().splitlines()]
+    assert [int(row[0]) for row in rows] == [0, 0, 0, 1, 1, 1]
+    for line in (rows[:3], rows[3:]):
+        scores = [float(row[2]) for row in line]
+        assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"gut\n\xff\xfe kaputt\n", "in.de:2: invalid UTF-8"),
+])
+def test_bad_input_is_a_one_line_error(tiny_checkpoint, tmp_path, content, message):
+    src = tmp_path / "in.de"
+    src.write_bytes(content)
+    out = tmp_path / "out.en"
+    out.write_text("earlier output\n")
+    r = run_cli("translate", "--checkpoint", str(tiny_checkpoint), "--input", str(src), "--output", str(out))
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2
+    assert err[-1].startswith("mt: error:") and message in err[-1]
+    assert "Traceback" not in r.stderr.decode()
+    assert out.read_text() == "earlier output\n"  # nothing already written is lost
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    r = run_cli("translate", "--checkpoint", str(tmp_path / "nope.pt"))
+    assert r.returncode == 2
+    assert r.stderr.decode().strip() == f"mt: error: {tmp_path / 'nope.pt'}: checkpoint not found"
