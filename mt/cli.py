@@ -149,6 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for line in result.summary():
             print(line)
     if world > 1:
+        torch.distributed.barrier()  # rank 0 may still be writing checkpoints: leave together
         torch.distributed.destroy_process_group()
     return 0
 

@@ -178,7 +178,9 @@ def apply_override(raw: dict, item: str) -> None:
     keys = dotted.strip().split(".")
     node = raw
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
+        if node.get(k) is None:  # absent, or an empty section
+            node[k] = {}
+        node = node[k]
         if not isinstance(node, dict):
             raise MTError(f"--set {item}: {k} is not a section")
     try:
@@ -205,7 +207,8 @@ def from_dict(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
 
 def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where, key + ".")
+        # An empty section (`model:` with every key commented out) reads as null: keep the defaults.
+        return from_dict(tp, {} if value is None else value, where, key + ".")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

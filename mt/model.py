@@ -1,10 +1,12 @@
 """The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), Section 3.
 
-The modules follow the paper's order: embeddings and positional encodings (3.4, 3.5), multi-head attention
-(3.2), the position-wise feed-forward network (3.3), encoder and decoder layers and stacks (3.1), and the
-model with its incremental decoder for search.
+The code follows the paper's order: positional encodings and embeddings (3.5, 3.4), multi-head attention
+(3.2), the position-wise feed-forward network (3.3), encoder and decoder layers and stacks (3.1), then the
+model, with the incremental decoder that search runs one target position at a time (fairseq-style: the
+cross-attention keys and values are computed once per sentence, the self-attention ones are cached).
 
-Shapes: batch B, source length S, target length T, model width D = d_model, heads H, head width D / H.
+Shapes: batch B, source length S, target length T, model width D = d_model, heads H, head width Dh = D / H,
+vocabulary V. Attention masks follow `scaled_dot_product_attention`'s boolean convention: True = may attend.
 """
 
 from __future__ import annotations
@@ -19,55 +21,112 @@ from torch.utils.checkpoint import checkpoint
 
 from mt.config import ModelConfig
 
+# Self-attention cache positions allocated by `start_decoding` when the caller gives no max_len; the cache
+# doubles whenever it fills.
+DEFAULT_CACHE_CAPACITY = 32
+
+
+# --------------------------------------------------------------------------------------------------------
+# Small pure functions
+
 
 def sinusoids(n_positions: int, d_model: int) -> Tensor:
-    """Section 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
+    """Section 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
 
-    Returns (n_positions, d_model) float32.
+    Returns (n_positions, d_model) float32. Computed in float64 so that large positions keep their precision.
     """
-    position = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)
-    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
-    pe = torch.zeros(n_positions, d_model, dtype=torch.float64)
-    pe[:, 0::2] = torch.sin(position * inv_freq)
-    pe[:, 1::2] = torch.cos(position * inv_freq)
+    position = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)  # (n, 1)
+    two_i = torch.arange(0, d_model, 2, dtype=torch.float64)  # (d_model / 2,)
+    angle = position / 10000.0 ** (two_i / d_model)  # (n, d_model / 2)
+    pe = torch.empty(n_positions, d_model, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle)
     return pe.float()
 
 
+def padding_mask(pad: Tensor) -> Tensor:
+    """pad (B, S) bool, True at padding -> (B, 1, 1, S) bool, True where attention is allowed.
+
+    Broadcasts over heads and queries in `scaled_dot_product_attention`.
+    """
+    return (~pad)[:, None, None, :]
+
+
+def train_flops_per_token(cfg: ModelConfig, tgt_vocab_size: int, src_len: int, tgt_len: int) -> float:
+    """Model FLOPs of one training step (forward + backward) per target token, for MFU estimates.
+
+    For a sentence pair of src_len source and tgt_len target positions (padded lengths for a padded batch:
+    the kernels compute over padding too). Counts the matrix products only: a multiply-add is 2 FLOPs and
+    the backward pass costs twice the forward (gradients for inputs and for weights). The attention scores
+    and weighted sums count the full T x T matrix in decoder self-attention (as PaLM's appendix B does), so
+    that the number does not depend on whether a kernel skips the masked half. Not counted: embedding
+    look-ups, softmax, LayerNorm, biases, dropout, and the recomputation of activation checkpointing
+    (hardware FLOPs, not model FLOPs). Multiply by the batch's B * T for the step's total.
+    """
+    d, f, S, T = cfg.d_model, cfg.d_ff, src_len, tgt_len
+    # Multiply-adds of one sentence pair's forward pass.
+    encoder = cfg.n_layers * (S * (4 * d * d + 2 * d * f)  # Q, K, V, output projections; FFN
+                              + 2 * S * S * d)  # scores Q K^T and the weighted sum of V
+    decoder = cfg.decoder_layers * (T * (4 * d * d + 2 * d * f)  # self-attention projections; FFN
+                                    + 2 * T * T * d  # self-attention scores and sum
+                                    + T * 2 * d * d + S * 2 * d * d  # cross-attention: Q and output; K and V
+                                    + 2 * T * S * d)  # cross-attention scores and sum
+    output = T * d * tgt_vocab_size  # pre-softmax projection
+    return 3 * 2 * (encoder + decoder + output) / T
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sections 3.4, 3.5: embeddings and positional encodings
+
+
 class Embeddings(nn.Module):
-    """Token embedding * sqrt(d_model) + sinusoidal position, then dropout (Sections 3.4, 3.5, 5.4)."""
+    """Token embedding * sqrt(d_model) (Section 3.4) + sinusoidal position (Section 3.5), then dropout on the
+    sum (Section 5.4)."""
 
     def __init__(self, vocab_size: int, d_model: int, dropout: float, pad_id: int, max_positions: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
         self.scale = math.sqrt(d_model)
         self.dropout = nn.Dropout(dropout)
+        # Not persistent: it is a function of its shape, so checkpoints need not carry it.
         self.register_buffer("pe", sinusoids(max_positions, d_model), persistent=False)
 
     def positions(self, start: int, length: int) -> Tensor:
-        """(length, D) encodings of positions start..start+length-1; the table grows for long inputs."""
+        """The encodings of positions start .. start + length - 1: (length, D)."""
         if start + length > self.pe.size(0):
-            # Sinusoids extrapolate, so a sentence longer than any seen in training is still encoded.
-            n = max(start + length, 2 * self.pe.size(0))
-            self.pe = sinusoids(n, self.pe.size(1)).to(self.pe.device)
+            self._extend(start + length)
         return self.pe[start:start + length]
 
+    def _extend(self, n_positions: int) -> None:
+        # Sinusoids extrapolate (Section 3.5), so an input longer than any seen in training is still encoded.
+        # Doubling keeps a run of ever longer inputs from rebuilding the table each time. Built outside
+        # inference mode: a table grown during search must still serve a later training step.
+        n = max(n_positions, 2 * self.pe.size(0))
+        with torch.inference_mode(False), torch.no_grad():
+            self.pe = sinusoids(n, self.pe.size(1)).to(self.pe.device)
+
     def forward(self, tokens: Tensor, start: int = 0) -> Tensor:
-        """tokens (B, L) -> (B, L, D)."""
-        x = self.embed(tokens) * self.scale + self.positions(start, tokens.size(1)).to(self.embed.weight.dtype)
-        return self.dropout(x)
+        """tokens (B, L) long, at positions start .. start + L - 1 -> (B, L, D)."""
+        x = self.embed(tokens) * self.scale
+        return self.dropout(x + self.positions(start, tokens.size(1)).to(x.dtype))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 3.2: multi-head attention
 
 
 class MultiHeadAttention(nn.Module):
-    """Section 3.2.2, computed by `scaled_dot_product_attention`.
+    """Section 3.2.2, computed by `scaled_dot_product_attention` (Equation 1 with the 1/sqrt(d_k) scale).
 
-    Self-attention projects queries, keys and values with one fused matrix; cross-attention projects the
-    queries alone and the memory's keys and values with another fused matrix, so a decoder can compute the
-    latter once per sentence.
+    Self-attention projects queries, keys and values with one fused matrix (one matrix product instead of
+    three). Cross-attention projects the queries alone and the memory's keys and values with a second fused
+    matrix, so the incremental decoder computes the latter once per sentence.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, cross: bool = False):
+    def __init__(self, d_model: int, n_heads: int, attention_dropout: float, cross: bool = False):
         super().__init__()
-        self.n_heads, self.d_head, self.dropout = n_heads, d_model // n_heads, dropout
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.attention_dropout = attention_dropout
         self.cross = cross
         if cross:
             self.q_proj = nn.Linear(d_model, d_model)
@@ -76,39 +135,50 @@ class MultiHeadAttention(nn.Module):
             self.qkv_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def heads(self, x: Tensor) -> Tensor:
-        """(B, L, H * Dh) -> (B, H, L, Dh)."""
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, L, D) -> (B, H, L, Dh)."""
         return x.unflatten(-1, (self.n_heads, self.d_head)).transpose(1, 2)
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention: x (B, L, D) -> q, k, v, each (B, H, L, Dh)."""
         q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        return self.heads(q), self.heads(k), self.heads(v)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
+    def project_q(self, x: Tensor) -> Tensor:
+        """Cross-attention queries: x (B, T, D) -> (B, H, T, Dh)."""
+        return self.split_heads(self.q_proj(x))
 
     def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-attention: memory (B, S, D) -> k, v, each (B, H, S, Dh)."""
+        """Cross-attention keys and values: memory (B, S, D) -> k, v, each (B, H, S, Dh)."""
         k, v = self.kv_proj(memory).chunk(2, dim=-1)
-        return self.heads(k), self.heads(v)
+        return self.split_heads(k), self.split_heads(v)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        """q (B, H, Lq, Dh), k and v (B, H, Lk, Dh), mask broadcastable to (B, H, Lq, Lk), True where a query
-        may attend -> (B, Lq, D)."""
-        p = self.dropout if self.training else 0.0
+        """q (B, H, Lq, Dh), k and v (B, H, Lk, Dh), mask broadcastable to (B, H, Lq, Lk) -> (B, Lq, D).
+
+        Heads are concatenated and projected by W^O (Section 3.2.2).
+        """
+        p = self.attention_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
     def forward(self, x: Tensor, memory: Tensor | None = None, mask: Tensor | None = None,
                 causal: bool = False) -> Tensor:
-        """x (B, L, D); memory (B, S, D) for cross-attention -> (B, L, D)."""
+        """x (B, L, D) queries; memory (B, S, D) for cross-attention (keys and values come from x otherwise);
+        mask broadcastable to (B, H, L, S or L) -> (B, L, D)."""
         if self.cross:
             k, v = self.project_kv(memory)
-            return self.attend(self.heads(self.q_proj(x)), k, v, mask)
+            return self.attend(self.project_q(x), k, v, mask)
         q, k, v = self.project_qkv(x)
         return self.attend(q, k, v, mask, causal)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Sections 3.3 and 3.1: feed-forward network, residual connections, layers
+
+
 class FeedForward(nn.Module):
-    """Section 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2."""
+    """Section 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2, with activation dropout after the ReLU."""
 
     def __init__(self, d_model: int, d_ff: int, activation_dropout: float):
         super().__init__()
@@ -117,13 +187,17 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, L, D) -> (B, L, D)."""
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
 
 class Residual(nn.Module):
-    """A sub-layer's residual connection and LayerNorm (Section 3.1), with dropout on the sub-layer's output
-    (Section 5.4). Post-norm, the paper's: LayerNorm(x + Dropout(Sublayer(x))). Pre-norm:
-    x + Dropout(Sublayer(LayerNorm(x))), which trains deep stacks without warmup tuning."""
+    """A sub-layer's residual connection and LayerNorm (Section 3.1) with dropout on the sub-layer's output
+    (Section 5.4).
+
+    Post-norm, the paper's: LayerNorm(x + Dropout(Sublayer(x))). Pre-norm: x + Dropout(Sublayer(LayerNorm(x)))
+    (Wang et al., 2019), which leaves the residual stream unnormalised and trains deep stacks more stably.
+    """
 
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
@@ -132,12 +206,15 @@ class Residual(nn.Module):
         self.pre_norm = pre_norm
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
+        """x (B, L, D), sublayer: (B, L, D) -> (B, L, D) -> (B, L, D)."""
         if self.pre_norm:
             return x + self.dropout(sublayer(self.norm(x)))
         return self.norm(x + self.dropout(sublayer(x)))
 
 
 class EncoderLayer(nn.Module):
+    """Section 3.1: self-attention, then the feed-forward network, each inside a `Residual`."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         pre = cfg.norm == "pre"
@@ -147,12 +224,14 @@ class EncoderLayer(nn.Module):
         self.res_ffn = Residual(cfg.d_model, cfg.dropout, pre)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """x (B, S, D), mask (B, 1, 1, S) True at real tokens -> (B, S, D)."""
+        """x (B, S, D), mask (B, 1, 1, S) from `padding_mask` -> (B, S, D)."""
         x = self.res_attn(x, lambda y: self.self_attn(y, mask=mask))
         return self.res_ffn(x, self.ffn)
 
 
 class DecoderLayer(nn.Module):
+    """Section 3.1: masked self-attention, attention over the encoder's output, then the feed-forward network."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         pre = cfg.norm == "pre"
@@ -164,174 +243,222 @@ class DecoderLayer(nn.Module):
         self.res_ffn = Residual(cfg.d_model, cfg.dropout, pre)
 
     def forward(self, x: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
-        """x (B, T, D), memory (B, S, D), mask (B, 1, 1, S) -> (B, T, D), causal over T (Section 3.2.3)."""
-        # Target padding sits at the end, so under the causal mask no real position ever sees it.
+        """x (B, T, D), memory (B, S, D), mask (B, 1, 1, S) from `padding_mask` -> (B, T, D).
+
+        Self-attention is causal (Section 3.2.3). Target padding sits at the end of each row, so under the
+        causal mask no real position ever sees it and no padding mask is needed.
+        """
         x = self.res_self(x, lambda y: self.self_attn(y, causal=True))
         x = self.res_cross(x, lambda y: self.cross_attn(y, memory, mask))
         return self.res_ffn(x, self.ffn)
 
-    def step(self, x: Tensor, cache: "LayerCache", step: int, mask: Tensor) -> Tensor:
-        """One position: x (B, 1, D) -> (B, 1, D); appends this position's keys and values to `cache`."""
+    def step(self, x: Tensor, cache: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor], step: int,
+             mask: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One target position. x (B, 1, D) at position `step`; cache: self-attention keys and values, each
+        (B, H, capacity, Dh), filled for positions < step; cross_kv: each (B, H, S, Dh); mask (B, 1, 1, S)
+        -> (B, 1, D) and the cache with this position's keys and values written (grown if it was full)."""
         def self_attention(y: Tensor) -> Tensor:
+            nonlocal cache
             q, k, v = self.self_attn.project_qkv(y)
-            keys, values = cache.append(k, v, step)
-            return self.self_attn.attend(q, keys, values)  # attends to positions 0..step: nothing to mask
+            cache, keys, values = append_to_cache(cache, k, v, step)
+            # Positions 0..step are all this query may see: the look-ahead mask has nothing left to hide.
+            return self.self_attn.attend(q, keys, values)
 
         def cross_attention(y: Tensor) -> Tensor:
-            q = self.cross_attn.heads(self.cross_attn.q_proj(y))
-            return self.cross_attn.attend(q, cache.cross_k, cache.cross_v, mask)
+            return self.cross_attn.attend(self.cross_attn.project_q(y), *cross_kv, mask)
 
         x = self.res_self(x, self_attention)
         x = self.res_cross(x, cross_attention)
-        return self.res_ffn(x, self.ffn)
+        return self.res_ffn(x, self.ffn), cache
 
 
-@dataclass
-class LayerCache:
-    """One decoder layer's state: cross-attention keys/values (fixed) and self-attention keys/values so far.
+# --------------------------------------------------------------------------------------------------------
+# The incremental decoder's state
 
-    The self-attention buffers have room for `capacity` positions and double when full, so appending costs
-    amortised O(1) copies and `select` copies at most twice the filled part.
+
+def append_to_cache(cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor,
+                    step: int) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor]:
+    """Write position `step`'s keys and values into a layer's self-attention cache.
+
+    cache: keys and values, each (B, H, capacity, Dh), filled for positions < step; k, v (B, H, 1, Dh).
+    Returns the cache (the same tensors, or new ones of doubled capacity when it was full) and the keys and
+    values of positions 0..step, each (B, H, step + 1, Dh), views into it. Doubling makes appends amortised
+    O(1) copies instead of a torch.cat of the whole history at every step.
     """
+    cache_k, cache_v = cache
+    if step >= cache_k.size(2):
+        capacity = max(2 * cache_k.size(2), step + 1)
+        cache_k, cache_v = _resize(cache_k, step, capacity), _resize(cache_v, step, capacity)
+    cache_k[:, :, step:step + 1] = k
+    cache_v[:, :, step:step + 1] = v
+    return (cache_k, cache_v), cache_k[:, :, :step + 1], cache_v[:, :, :step + 1]
 
-    cross_k: Tensor  # (B, H, S, Dh)
-    cross_v: Tensor
-    self_k: Tensor  # (B, H, capacity, Dh)
-    self_v: Tensor
 
-    def append(self, k: Tensor, v: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        """k, v (B, H, 1, Dh) at position `step` -> keys, values (B, H, step + 1, Dh)."""
-        if step >= self.self_k.size(2):
-            grow = torch.zeros_like(self.self_k)
-            self.self_k = torch.cat([self.self_k, grow], dim=2)
-            self.self_v = torch.cat([self.self_v, torch.zeros_like(self.self_v)], dim=2)
-        self.self_k[:, :, step:step + 1] = k
-        self.self_v[:, :, step:step + 1] = v
-        return self.self_k[:, :, :step + 1], self.self_v[:, :, :step + 1]
-
-    def select(self, index: Tensor) -> "LayerCache":
-        return LayerCache(self.cross_k.index_select(0, index), self.cross_v.index_select(0, index),
-                          self.self_k.index_select(0, index), self.self_v.index_select(0, index))
+def _resize(buffer: Tensor, filled: int, capacity: int, index: Tensor | None = None) -> Tensor:
+    """A new (B', H, capacity, Dh) buffer holding the first `filled` positions of buffer (B, H, _, Dh), rows
+    picked by `index` (B',) when given. Positions from `filled` on are left uninitialised: never read."""
+    rows = buffer.size(0) if index is None else index.size(0)
+    out = buffer.new_empty(rows, buffer.size(1), capacity, buffer.size(3))
+    head = buffer[:, :, :filled]
+    out[:, :, :filled] = head if index is None else head.index_select(0, index)
+    return out
 
 
 @dataclass
 class DecoderState:
-    """Everything the incremental decoder carries between steps for B rows (sentences x beams)."""
+    """Everything the incremental decoder carries between steps for B rows (sentences, or sentences x beams).
 
-    memory: Tensor  # (B, S, D)
+    `decode_step` writes into the self-attention caches in place and advances `step`; `select` builds a new
+    state. Only the first `step` positions of a self-attention cache are meaningful.
+    """
+
+    memory: Tensor  # (B, S, D): the encoder's output
     src_pad: Tensor  # (B, S) bool, True at padding
-    layers: list[LayerCache]
+    cross_kv: list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values, each (B, H, S, Dh)
+    self_kv: list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values, each (B, H, capacity, Dh)
     step: int = 0  # tokens fed so far
 
     @property
-    def cross_kv(self) -> list[tuple[Tensor, Tensor]]:
-        return [(c.cross_k, c.cross_v) for c in self.layers]
-
-    @property
-    def self_kv(self) -> list[tuple[Tensor, Tensor]]:
-        return [(c.self_k[:, :, :self.step], c.self_v[:, :, :self.step]) for c in self.layers]
+    def capacity(self) -> int:
+        """Positions the self-attention caches hold before they next grow."""
+        return self.self_kv[0][0].size(2) if self.self_kv else 0
 
     def select(self, index: Tensor) -> "DecoderState":
-        """index (B',) long -> the state of rows index[0], index[1], ...: expands (repeat_interleave),
-        reorders (beam origins) and prunes (finished sentences) in one call."""
-        return DecoderState(self.memory.index_select(0, index), self.src_pad.index_select(0, index),
-                            [c.select(index) for c in self.layers], self.step)
+        """index (B',) long, on the state's device -> a new state whose row i is this state's row index[i].
+
+        Beam search expands (repeat_interleave), reorders (beam origins) and prunes (finished sentences) with
+        it. Copies the filled part of each cache only; the capacity is kept.
+        """
+        def rows(t: Tensor) -> Tensor:
+            return t.index_select(0, index)
+
+        return DecoderState(
+            memory=rows(self.memory),
+            src_pad=rows(self.src_pad),
+            cross_kv=[(rows(k), rows(v)) for k, v in self.cross_kv],
+            self_kv=[(_resize(k, self.step, k.size(2), index), _resize(v, self.step, v.size(2), index))
+                     for k, v in self.self_kv],
+            step=self.step,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The model
 
 
 class Transformer(nn.Module):
-    """The encoder-decoder of Section 3; `forward` returns logits (the loss lives in mt.train)."""
+    """The encoder-decoder of Section 3. `forward` returns logits; the loss lives in mt.train.
+
+    share_all_embeddings (a joint source-target vocabulary): one matrix for the source and the target
+    embeddings. The target embedding is the pre-softmax projection when cfg.tie_embeddings (Section 3.4).
+    """
 
     def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_id: int = 0,
                  share_all_embeddings: bool = False):
         super().__init__()
         if share_all_embeddings and src_vocab_size != tgt_vocab_size:
-            raise ValueError("share_all_embeddings needs one vocabulary for both sides")
+            raise ValueError(f"share_all_embeddings needs one vocabulary, got sizes {src_vocab_size} and "
+                             f"{tgt_vocab_size}")
         self.cfg, self.pad_id = cfg, pad_id
-        d, drop = cfg.d_model, cfg.dropout
-        self.src_embed = Embeddings(src_vocab_size, d, drop, pad_id, cfg.max_positions)
-        self.tgt_embed = Embeddings(tgt_vocab_size, d, drop, pad_id, cfg.max_positions)
+        self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
+        d = cfg.d_model
+        self.src_embed = Embeddings(src_vocab_size, d, cfg.dropout, pad_id, cfg.max_positions)
+        self.tgt_embed = Embeddings(tgt_vocab_size, d, cfg.dropout, pad_id, cfg.max_positions)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
-        # Pre-norm stacks end with a LayerNorm of their own (the residual stream is never normalised).
+        # A pre-norm stack never normalises its residual stream, so it ends with a LayerNorm of its own.
         self.encoder_norm = nn.LayerNorm(d) if cfg.norm == "pre" else nn.Identity()
         self.decoder_norm = nn.LayerNorm(d) if cfg.norm == "pre" else nn.Identity()
         self.output = nn.Linear(d, tgt_vocab_size, bias=False)
+        # Initialised before tying, so that a seed draws the same weights whichever matrices end up shared.
         self.reset_parameters()
         # Section 3.4: "we share the same weight matrix between the two embedding layers and the pre-softmax
-        # linear transformation" (the encoder's too when the vocabulary is joint).
+        # linear transformation".
         if share_all_embeddings:
             self.tgt_embed.embed.weight = self.src_embed.embed.weight
-        if cfg.tie_embeddings or share_all_embeddings:
+        if cfg.tie_embeddings:
             self.output.weight = self.tgt_embed.embed.weight
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform weights (Glorot & Bengio, 2010), zero biases, a zero padding embedding."""
-        for name, p in self.named_parameters():
+        """Xavier-uniform weight matrices (Glorot & Bengio, 2010), zero biases, unit LayerNorm gains and a zero
+        padding embedding, as The Annotated Transformer initialises the model.
+
+        A fused projection is initialised as the one matrix it is, as nn.MultiheadAttention does: each of
+        W^Q, W^K, W^V gets a bound 1/sqrt(2) of its own Xavier bound, the scale fairseq gives its separate
+        projections because it "observed the convergence to be much better".
+        """
+        for name, p in self.named_parameters():  # a shared matrix once
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
+            else:  # LayerNorm gains
+                nn.init.ones_(p)
         with torch.no_grad():
             self.src_embed.embed.weight[self.pad_id].zero_()
             self.tgt_embed.embed.weight[self.pad_id].zero_()
 
     def num_parameters(self) -> int:
+        """Trainable parameters, a shared matrix counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self, src_len: int, tgt_len: int) -> float:
+        """Training FLOPs (forward + backward) per target token; see `train_flops_per_token`."""
+        return train_flops_per_token(self.cfg, self.tgt_vocab_size, src_len, tgt_len)
+
     def _run(self, layer: nn.Module, *args: Tensor) -> Tensor:
-        if self.cfg.activation_checkpointing and self.training:
-            # Recompute the layer's activations in the backward pass instead of storing them.
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # Keep only the layer's input; recompute its activations in the backward pass.
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        """src (B, S) -> memory (B, S, D), src_pad (B, S) bool, True at padding."""
+        """src (B, S) long -> memory (B, S, D), src_pad (B, S) bool, True at padding."""
         src_pad = src.eq(self.pad_id)
-        mask = self.attention_mask(src_pad)
+        mask = padding_mask(src_pad)
         x = self.src_embed(src)
         for layer in self.encoder:
             x = self._run(layer, x, mask)
         return self.encoder_norm(x), src_pad
 
-    @staticmethod
-    def attention_mask(src_pad: Tensor) -> Tensor:
-        """src_pad (B, S) -> (B, 1, 1, S), True where attention is allowed (SDPA's boolean convention)."""
-        return (~src_pad)[:, None, None, :]
-
     def decode(self, tgt_in: Tensor, memory: Tensor, src_pad: Tensor) -> Tensor:
-        """tgt_in (B, T) (BOS + target), memory (B, S, D), src_pad (B, S) -> logits (B, T, V)."""
-        mask = self.attention_mask(src_pad)
+        """Teacher-forced, causal decoder pass. tgt_in (B, T) long (BOS + target), memory (B, S, D),
+        src_pad (B, S) bool -> logits (B, T, V). Rows at target padding are computed but meaningless."""
+        mask = padding_mask(src_pad)
         x = self.tgt_embed(tgt_in)
         for layer in self.decoder:
             x = self._run(layer, x, memory, mask)
         return self.output(self.decoder_norm(x))
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
-        """src (B, S), tgt_in (B, T) -> logits (B, T, V)."""
+        """src (B, S) long, tgt_in (B, T) long (BOS + target) -> logits (B, T, V)."""
         memory, src_pad = self.encode(src)
         return self.decode(tgt_in, memory, src_pad)
 
-    # ---- incremental decoding (fairseq-style): encode once, then one target position per call
+    # ---- incremental decoding: encode once, then one target position per call (for search, under no_grad)
 
     def start_decoding(self, src: Tensor, max_len: int | None = None) -> DecoderState:
-        """src (B, S) -> the decoder's state before its first step (cross-attention keys/values computed
-        here, once per sentence; self-attention buffers for `max_len` positions, grown on demand)."""
+        """src (B, S) long -> the decoder's state before its first step: the memory, its cross-attention keys
+        and values (computed once here), and empty self-attention caches with room for max_len positions
+        (DEFAULT_CACHE_CAPACITY when None; they double when full)."""
         memory, src_pad = self.encode(src)
-        B = src.size(0)
-        capacity = max(max_len or 16, 1)
-        layers = []
+        capacity = max(max_len or DEFAULT_CACHE_CAPACITY, 1)
+        cross_kv, self_kv = [], []
         for layer in self.decoder:
             k, v = layer.cross_attn.project_kv(memory)
-            empty = k.new_zeros(B, k.size(1), capacity, k.size(3))
-            layers.append(LayerCache(k, v, empty, empty.clone()))
-        return DecoderState(memory, src_pad, layers, 0)
+            cross_kv.append((k, v))
+            # Never read beyond `step`, so uninitialised memory is fine.
+            shape = (src.size(0), k.size(1), capacity, k.size(3))
+            self_kv.append((k.new_empty(shape), v.new_empty(shape)))
+        return DecoderState(memory, src_pad, cross_kv, self_kv, 0)
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
-        """tokens (B,): the token at position state.step (BOS first) -> logits (B, V) for the next one.
-        Updates the state's caches in place and advances state.step."""
-        x = self.tgt_embed(tokens.unsqueeze(1), start=state.step)
-        mask = self.attention_mask(state.src_pad)
-        for layer, cache in zip(self.decoder, state.layers):
-            x = layer.step(x, cache, state.step, mask)
+        """tokens (B,) long: the token at position state.step (BOS at step 0) -> logits (B, V) for the next
+        position. Writes this position's self-attention keys and values into state.self_kv and advances
+        state.step by one, in place."""
+        x = self.tgt_embed(tokens.unsqueeze(1), start=state.step)  # (B, 1, D)
+        mask = padding_mask(state.src_pad)
+        for i, layer in enumerate(self.decoder):
+            x, state.self_kv[i] = layer.step(x, state.self_kv[i], state.cross_kv[i], state.step, mask)
         state.step += 1
         return self.output(self.decoder_norm(x)).squeeze(1)

@@ -1,16 +1,25 @@
 """Search over the model's incremental decoder: greedy, beam (Section 6.1) and sampling.
 
-Every search talks to the model through three calls only, so tests can drive it with a stub decoder:
+A search talks to the model through three calls only (duck typing, so tests drive it with a stub decoder):
 
     state = model.start_decoding(src, max_len)     encode once
     logits = model.decode_step(tokens, state)      one position for every row, caches updated in place
     state = state.select(index)                    expand / reorder / prune rows
 
-The one Python loop is over time steps; sentences and beams are handled as tensor rows. Each step makes one
-small host read (how many sentences are done) to stop early and drop finished sentences from the batch.
+Sentences and beams are rows of one batch; the one Python loop is over time steps.
 
-Lengths count output tokens including the final EOS: for the maximum length, for `min_len` and for the
-length penalty (as fairseq does).
+Conventions shared by all searches:
+
+- A length |Y| counts output tokens *including* the final EOS (as fairseq does), everywhere: the per-sentence
+  limit `max_len_a * (non-pad source tokens) + max_len_b` (floored, at least 1), `min_len`, the length
+  penalty and `SearchOutput.lengths`. So `min_len = limit` gives exactly `limit` tokens, the last one EOS.
+- EOS is forbidden while |Y| < min_len; at the limit EOS is the only choice. The limit wins over min_len.
+  A forced EOS keeps the model's own log-probability, so a score is always log P(Y | X) (length-normalised
+  for beam search).
+- PAD is never produced: the model is never trained to predict it, and the output is padded with it.
+- Host synchronisation: one small read per step (how many sentences/rows are done), which is what lets the
+  search stop early and drop finished sentences from the batch. Pruning indices are built on the device
+  from that count (`_rows_where`), without `nonzero`'s second read.
 """
 
 from __future__ import annotations
@@ -24,186 +33,251 @@ from torch import Tensor
 
 @dataclass
 class SearchOutput:
-    tokens: Tensor  # (B, nbest, L) long, without BOS, ending in EOS where finished, padded with pad
-    scores: Tensor  # (B, nbest) float: the ranking score (length-normalised for beam search)
-    lengths: Tensor  # (B, nbest) long: output tokens including EOS
+    """Up to `nbest` hypotheses per sentence, best first.
+
+    tokens: (batch, nbest, out_len) long, without BOS, ending in EOS, padded with pad.
+    scores: (batch, nbest) float32, the score the search ranks by: the sum of log-probs for greedy search and
+        sampling, the sum divided by `length_penalty(lengths, alpha)` for beam search. A beam search slot
+        no hypothesis filled (fewer than nbest outputs possible, as with a limit of 1, or EOS given
+        probability zero) has score -inf, length 0 and only pad.
+    lengths: (batch, nbest) long, output tokens including EOS.
+    """
+
+    tokens: Tensor
+    scores: Tensor
+    lengths: Tensor
+
+
+# ---- small pure functions
 
 
 def length_penalty(length: Tensor, alpha: float) -> Tensor:
-    """GNMT's lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al., 2016); alpha = 0 turns it off."""
+    """GNMT's lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al., 2016, Section 7; alpha = 0.6 in Vaswani et al.,
+    Section 6.1). length (...) |Y| with EOS counted -> (...) float. alpha = 0 turns it off (lp = 1), and
+    lp(1) = 1 for every alpha."""
     return ((5.0 + length.float()) / 6.0) ** alpha
 
 
-_lp = length_penalty  # beam_search's `length_penalty` argument (alpha) shadows the function's name
+_lp = length_penalty  # beam_search's `length_penalty` argument (the GNMT alpha) shadows the function's name
 
 
 def max_lengths(src: Tensor, pad: int, max_len_a: float, max_len_b: int) -> Tensor:
-    """(B,) per-sentence output limit: a * (non-pad source tokens) + b, at least 1."""
+    """src (batch, src_len) -> (batch,) long: each sentence's output limit, EOS included,
+    floor(a * non-pad source tokens + b), at least 1."""
     n = src.ne(pad).sum(1)
-    return (max_len_a * n.float() + max_len_b).long().clamp(min=1)
-
-
-def _constrain(lprobs: Tensor, step: int, limit: Tensor, eos: int, min_len: int) -> Tensor:
-    """Before `min_len` output tokens (EOS included) forbid EOS; at the row's length limit allow nothing
-    but EOS, which keeps its own log-probability so scores stay the model's. The limit wins over min_len.
-    lprobs (R, V), limit (R,)."""
-    at_limit = (step + 1 >= limit).unsqueeze(1)
-    is_eos = torch.zeros(lprobs.size(-1), dtype=torch.bool, device=lprobs.device)
-    is_eos[eos] = True
-    if step + 1 < min_len:
-        lprobs = lprobs.masked_fill(is_eos & ~at_limit, -torch.inf)
-    return lprobs.masked_fill(at_limit & ~is_eos, -torch.inf)
+    return (max_len_a * n.double() + max_len_b).floor().long().clamp(min=1)
 
 
 def top_k_top_p_filter(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """logits (R, V) -> the same with everything outside the top k and the top-p nucleus set to -inf.
+    """logits (rows, vocab) -> the same with every token outside the top k and outside the top-p nucleus
+    set to -inf. top_k = 0 and top_p = 1 turn the filters off.
 
-    The nucleus (Holtzman et al., 2020) is the smallest set of most likely tokens whose mass reaches top_p.
+    The nucleus (Holtzman et al., 2020) is the smallest set of most likely tokens whose probability mass
+    reaches top_p: a token stays when the mass of the tokens ranked above it is still below top_p, so the
+    most likely token always stays. Ties at the k-th logit are all kept.
     """
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -torch.inf)
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the mass before it already reaches top_p (the first token always stays).
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        probs = sorted_logits.softmax(-1)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # mass strictly above each token
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -torch.inf)
     return logits
 
 
-@torch.inference_mode()
-def _sequential(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float, max_len_b: int,
-                min_len: int, choose) -> SearchOutput:
-    """Shared loop of greedy search and sampling: `choose(lprobs) -> tokens (R,)`."""
+def sample_categorical(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """logits (rows, vocab), -inf allowed -> (rows,) long, token i drawn with probability softmax(logits)_i.
+
+    The Gumbel-max trick (argmax of logits + Gumbel noise, the noise as -log of Exp(1) draws): unlike
+    `torch.multinomial`, it validates nothing on the host, so it does not synchronise. `generator` must live on
+    the logits' device."""
+    noise = torch.empty_like(logits).exponential_(generator=generator)
+    # exponential_ may return 0 in float32; -log(0) = inf would turn a -inf logit into nan.
+    noise = noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+    return (logits - noise.log()).argmax(-1)
+
+
+def _constrain(lprobs: Tensor, length: int, limit: Tensor, *, eos: int, pad: int, min_len: int) -> Tensor:
+    """lprobs (rows, vocab): log-probs of the `length`-th output token; limit (rows,) -> lprobs with PAD
+    forbidden, EOS forbidden while length < min_len, and nothing but EOS where length >= limit (the limit
+    wins). The forced EOS keeps its own log-probability, so scores stay the model's."""
+    eos_lp = lprobs[:, eos]
+    out = lprobs.masked_fill((length >= limit).unsqueeze(1), -torch.inf)
+    out[:, pad] = -torch.inf
+    out[:, eos] = eos_lp if length >= min_len else eos_lp.masked_fill(length < limit, -torch.inf)
+    return out
+
+
+def _rows_where(mask: Tensor, count: int) -> Tensor:
+    """mask (rows,) bool with `count` True entries (already read on the host) -> (count,) long, their indices
+    in order. A stable sort instead of `nonzero`, whose output size needs a host synchronisation."""
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
+
+
+# ---- greedy search and sampling
+
+
+def _one_token_at_a_time(model, src: Tensor, choose, *, bos: int, eos: int, pad: int, max_len_a: float,
+                         max_len_b: int, min_len: int) -> SearchOutput:
+    """The loop shared by greedy search and sampling. choose(lprobs (rows, vocab)) -> tokens (rows,).
+    Rows that emitted EOS leave the batch (`state.select`); the loop ends when none is left."""
     B, device = src.size(0), src.device
-    limit = max_lengths(src, pad, max_len_a, max_len_b)
-    steps = int(limit.max())
-    state = model.start_decoding(src, steps + 1)
-    out = torch.full((B, steps), pad, dtype=torch.long, device=device)
+    limit = max_lengths(src, pad, max_len_a, max_len_b)  # (B,)
+    steps = int(limit.max()) if B else 0  # one read before the loop: the buffers' width
+    state = model.start_decoding(src, steps)
+    tokens = torch.full((B, steps), pad, dtype=torch.long, device=device)
     scores = torch.zeros(B, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
-    rows = torch.arange(B, device=device)  # original sentence of each live row
+    rows = torch.arange(B, device=device)  # (rows,) the sentence each row decodes
     prev = torch.full((B,), bos, dtype=torch.long, device=device)
     for t in range(steps):
-        lprobs = F.log_softmax(model.decode_step(prev, state).float(), dim=-1)
-        lprobs = _constrain(lprobs, t, limit[rows], eos, min_len)
-        token = choose(lprobs)
-        out[rows, t] = token
-        scores[rows] += lprobs.gather(1, token.unsqueeze(1)).squeeze(1)
-        finished = token.eq(eos)
-        lengths[rows] = t + 1
-        alive = ~finished
+        row_limit = limit[rows]
+        logits = model.decode_step(prev, state)
+        lprobs = _constrain(F.log_softmax(logits.float(), dim=-1), t + 1, row_limit, eos=eos, pad=pad,
+                            min_len=min_len)
+        # Forced even where the model gives EOS probability zero, so that every output ends in EOS.
+        token = choose(lprobs).masked_fill(t + 1 >= row_limit, eos)
+        tokens[rows, t] = token
+        scores.index_add_(0, rows, lprobs.gather(1, token.unsqueeze(1)).squeeze(1))
+        lengths.index_fill_(0, rows, t + 1)
+        alive = token.ne(eos)
         n_alive = int(alive.sum())  # the step's one host read
         if n_alive == 0:
             break
-        if n_alive < len(rows):
-            keep = alive.nonzero().squeeze(1)
+        if n_alive < rows.numel():
+            keep = _rows_where(alive, n_alive)
             state, rows, token = state.select(keep), rows[keep], token[keep]
         prev = token
-    width = int(lengths.max())
-    return SearchOutput(out[:, :width].unsqueeze(1), scores.unsqueeze(1), lengths.unsqueeze(1))
+    width = int(lengths.max()) if B else 0
+    return SearchOutput(tokens[:, None, :width], scores[:, None], lengths[:, None])
 
 
+@torch.inference_mode()
 def greedy_search(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float = 1.0,
                   max_len_b: int = 50, min_len: int = 0) -> SearchOutput:
-    """The most likely token at every step. src (B, S) -> SearchOutput with nbest 1 (score: sum of log-probs)."""
-    return _sequential(model, src, bos=bos, eos=eos, pad=pad, max_len_a=max_len_a, max_len_b=max_len_b,
-                       min_len=min_len, choose=lambda lp: lp.argmax(-1))
+    """The most likely token at every step. src (batch, src_len) long, padded with pad -> SearchOutput with
+    nbest = 1, scored by the sum of log-probs."""
+    return _one_token_at_a_time(model, src, lambda lprobs: lprobs.argmax(-1), bos=bos, eos=eos, pad=pad,
+                                max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
 
 
+@torch.inference_mode()
 def sample(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float = 1.0, max_len_b: int = 50,
            min_len: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> SearchOutput:
-    """Ancestral sampling with temperature, top-k and top-p (for back-translation: Edunov et al., 2018).
-    The score is the sum of the model's (untempered) log-probs of the sampled tokens."""
-    def choose(lprobs: Tensor) -> Tensor:
-        filtered = top_k_top_p_filter(lprobs / temperature, top_k, top_p)
-        return torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(1)
+    """Ancestral sampling from softmax(log p / temperature), restricted to the top k tokens and the top-p
+    nucleus (for back-translation, Edunov et al., 2018). src (batch, src_len) -> SearchOutput with nbest = 1,
+    scored by the sum of the model's untempered, unfiltered log-probs of the sampled tokens. `generator`, on
+    src's device, makes the draws reproducible; None uses the global generator."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy_search for argmax), got {temperature}")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
 
-    return _sequential(model, src, bos=bos, eos=eos, pad=pad, max_len_a=max_len_a, max_len_b=max_len_b,
-                       min_len=min_len, choose=choose)
+    def choose(lprobs: Tensor) -> Tensor:
+        return sample_categorical(top_k_top_p_filter(lprobs / temperature, top_k, top_p), generator)
+
+    return _one_token_at_a_time(model, src, choose, bos=bos, eos=eos, pad=pad, max_len_a=max_len_a,
+                                max_len_b=max_len_b, min_len=min_len)
+
+
+# ---- beam search
 
 
 @torch.inference_mode()
 def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: int = 4,
-                length_penalty: float = 0.6, nbest: int = 1,
-                max_len_a: float = 1.0, max_len_b: int = 50, min_len: int = 0) -> SearchOutput:
-    """Beam search over all sentences and beams at once. src (B, S) -> SearchOutput with `nbest` hypotheses.
+                length_penalty: float = 0.6, nbest: int = 1, max_len_a: float = 1.0, max_len_b: int = 50,
+                min_len: int = 0) -> SearchOutput:
+    """Beam search (Section 6.1: beam 4, alpha 0.6) over all sentences and beams at once.
+    src (batch, src_len) long, padded with pad -> SearchOutput with `nbest` (<= beam_size) hypotheses each.
 
-    Each step scores every (beam, token) extension of a sentence's K live hypotheses and takes the best 2K
-    candidates: those ending in EOS among the top K join the sentence's finished list, scored
-    log P(Y) / lp(|Y|); the best K others stay live. A sentence is done once it holds K finished hypotheses
-    (fairseq's rule) or its live ones reach the length limit; done sentences leave the batch, and the search
-    stops when all are done. `length_penalty` is the GNMT alpha (0.6 in the paper).
+    Each sentence keeps K = beam_size live hypotheses and a list of its K best finished ones. At every step
+    the K * vocab extensions of its live hypotheses are ranked by summed log-prob and the best 2K kept
+    (fairseq, tensor2tensor): an EOS extension ranked within the top K finishes, scored
+    log P(Y) / lp(|Y|) with `length_penalty` as alpha, and joins the finished list (the best K stay); the
+    best K extensions that are not EOS become the live hypotheses, so a finished one never occupies a beam.
+    With K = 1 and alpha = 0 this is greedy search.
+
+    A sentence is done when no live hypothesis can still beat its K-th best finished one. Log-probs are
+    <= 0, so a live hypothesis of summed log-prob s can at best end with score s / lp(L) for the most
+    favourable length L it may still reach: s / max(lp(t + 2), lp(limit)) after step t (tensor2tensor's
+    bound). Stopping then never changes the result, unlike fairseq's "K finished" rule, which can miss a
+    longer hypothesis that the length penalty would have preferred. A done sentence leaves the batch
+    (`state.select`), so late steps run on fewer rows; the search ends when every sentence is done.
     """
-    alpha = length_penalty
-    K, B, device = beam_size, src.size(0), src.device
+    if not 1 <= nbest <= beam_size:
+        raise ValueError(f"need 1 <= nbest <= beam_size, got nbest={nbest}, beam_size={beam_size}")
+    alpha, K = length_penalty, beam_size
+    B, device = src.size(0), src.device
     limit = max_lengths(src, pad, max_len_a, max_len_b)  # (B,)
-    steps = int(limit.max())
-    state = model.start_decoding(src, steps + 1).select(torch.arange(B, device=device).repeat_interleave(K))
+    steps = int(limit.max()) if B else 0  # one read before the loop: the buffers' width
+    lp = _lp(torch.arange(steps + 2, device=device), alpha)  # (steps + 2,) lp of each length
+    lp_limit = lp[limit]  # (B,)
+    state = model.start_decoding(src, steps).select(torch.arange(B, device=device).repeat_interleave(K))
 
-    # Finished hypotheses, per original sentence.
+    # The finished hypotheses of every sentence, best first; a slot not yet filled scores -inf.
     fin_tokens = torch.full((B, K, steps), pad, dtype=torch.long, device=device)
     fin_scores = torch.full((B, K), -torch.inf, device=device)
     fin_lengths = torch.zeros((B, K), dtype=torch.long, device=device)
-    fin_count = torch.zeros(B, dtype=torch.long, device=device)
 
-    sent = torch.arange(B, device=device)  # original index of each live sentence
-    live_tokens = torch.full((B * K, steps), pad, dtype=torch.long, device=device)
-    # Only the first beam of each sentence is live at the start: the K copies are identical.
-    live_scores = torch.full((B, K), -torch.inf, device=device)
+    # The live hypotheses of the n sentences not yet done: rows g*K .. g*K+K-1 of the batch belong to sent[g].
+    sent = torch.arange(B, device=device)  # (n,)
+    live_tokens = torch.zeros((B * K, 0), dtype=torch.long, device=device)  # (n*K, t)
+    # The K rows start identical: only the first is live, or the beam would fill with K copies of one prefix.
+    live_scores = torch.full((B, K), -torch.inf, device=device)  # (n, K) summed log-probs
     live_scores[:, 0] = 0.0
-    prev = torch.full((B * K,), bos, dtype=torch.long, device=device)
+    prev = torch.full((B * K,), bos, dtype=torch.long, device=device)  # (n*K,)
     for t in range(steps):
         n = sent.numel()
-        lprobs = F.log_softmax(model.decode_step(prev, state).float(), dim=-1)  # (n*K, V)
-        V = lprobs.size(-1)
-        lprobs = _constrain(lprobs, t, limit[sent].repeat_interleave(K), eos, min_len)
+        row_limit = limit[sent]  # (n,)
+        logits = model.decode_step(prev, state)  # (n*K, V)
+        V = logits.size(-1)
+        lprobs = _constrain(F.log_softmax(logits.float(), dim=-1), t + 1, row_limit.repeat_interleave(K),
+                            eos=eos, pad=pad, min_len=min_len)
         cand = (live_scores.unsqueeze(2) + lprobs.view(n, K, V)).view(n, K * V)
-        cand_scores, cand_index = cand.topk(min(2 * K, K * V), dim=1)  # (n, 2K)
-        cand_beam, cand_token = cand_index // V, cand_index % V
-        cand_rows = (torch.arange(n, device=device).unsqueeze(1) * K + cand_beam)  # rows in the live batch
-        is_eos = cand_token.eq(eos) & cand_scores.isfinite()
+        cand_scores, cand_index = cand.topk(min(2 * K, K * V), dim=1)  # (n, C), best first
+        C = cand_scores.size(1)
+        cand_token = cand_index % V
+        cand_rows = torch.arange(n, device=device).unsqueeze(1) * K + cand_index // V  # (n, C) parent rows
+        hist = torch.cat([live_tokens[cand_rows.flatten()].view(n, C, t), cand_token.unsqueeze(2)], dim=2)
 
-        # Finish: EOS candidates ranked within the top K, merged with the sentence's finished list.
-        new_fin = is_eos.clone()
-        new_fin[:, K:] = False
-        norm = cand_scores / _lp(torch.tensor(t + 1, device=device), alpha)
-        norm = norm.masked_fill(~new_fin, -torch.inf)
-        hist = live_tokens[cand_rows.flatten()].view(n, -1, steps).clone()  # (n, 2K, steps)
-        hist[:, :, t] = cand_token
-        merged_scores = torch.cat([fin_scores[sent], norm], dim=1)  # (n, K + 2K)
-        merged_tokens = torch.cat([fin_tokens[sent], hist], dim=1)
-        merged_lengths = torch.cat([fin_lengths[sent], torch.full_like(cand_token, t + 1)], dim=1)
-        best_scores, best = merged_scores.topk(K, dim=1)
-        fin_scores[sent] = best_scores
-        fin_tokens[sent] = merged_tokens.gather(1, best.unsqueeze(2).expand(-1, -1, steps))
-        fin_lengths[sent] = merged_lengths.gather(1, best)
-        fin_count[sent] += new_fin.sum(1)
+        # Finish: EOS among the top K candidates, merged into the sentence's finished list.
+        finishing = (cand_token[:, :K].eq(eos) & cand_scores[:, :K].isfinite())  # (n, K)
+        new_scores = (cand_scores[:, :K] / lp[t + 1]).masked_fill(~finishing, -torch.inf)
+        merged_scores = torch.cat([fin_scores[sent], new_scores], dim=1)  # (n, 2K)
+        # Finished hypotheses so far have at most t tokens, so the first t + 1 columns hold all of them.
+        merged_tokens = torch.cat([fin_tokens[sent, :, :t + 1],
+                                   hist[:, :K].masked_fill(~finishing.unsqueeze(2), pad)], dim=1)
+        merged_lengths = torch.cat([fin_lengths[sent], finishing.long() * (t + 1)], dim=1)
+        top_scores, top = merged_scores.topk(K, dim=1)  # (n, K), best first
+        fin_scores[sent] = top_scores
+        fin_tokens[sent, :, :t + 1] = merged_tokens.gather(1, top.unsqueeze(2).expand(-1, -1, t + 1))
+        fin_lengths[sent] = merged_lengths.gather(1, top)
 
-        # Continue: the best K non-EOS candidates.
-        cont_scores = cand_scores.masked_fill(cand_token.eq(eos), -torch.inf)
-        live_scores, pick = cont_scores.topk(K, dim=1)  # (n, K)
-        rows = cand_rows.gather(1, pick).flatten()
+        # Continue: the best K candidates that are not EOS refill the beam.
+        live_scores, pick = cand_scores.masked_fill(cand_token.eq(eos), -torch.inf).topk(K, dim=1)  # (n, K)
+        rows = cand_rows.gather(1, pick).flatten()  # (n*K,)
         prev = cand_token.gather(1, pick).flatten()
-        live_tokens = hist.gather(1, pick.unsqueeze(2).expand(-1, -1, steps)).view(n * K, steps)
+        live_tokens = hist.gather(1, pick.unsqueeze(2).expand(-1, -1, t + 1)).view(n * K, t + 1)
 
-        done = (fin_count[sent] >= K) | ~live_scores.isfinite().any(1) | (t + 1 >= limit[sent])
+        # Done: the best any live hypothesis can still reach is no better than the K-th finished one.
+        # At the limit every live score is -inf (only EOS was allowed), so every sentence is done by then.
+        bound = live_scores.max(1).values / torch.maximum(lp[t + 2], lp_limit[sent])  # (n,)
+        done = bound <= top_scores[:, -1]
         n_done = int(done.sum())  # the step's one host read
         if n_done == n:
             break
         if n_done:
-            keep = (~done).nonzero().squeeze(1)
-            rows = rows.view(n, K)[keep].flatten()
-            prev = prev.view(n, K)[keep].flatten()
-            live_tokens = live_tokens.view(n, K, steps)[keep].view(-1, steps)
-            live_scores, sent = live_scores[keep], sent[keep]
+            keep = _rows_where(~done, n - n_done)  # (n',)
+            keep_rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).flatten()  # (n'*K,)
+            sent, live_scores = sent[keep], live_scores[keep]
+            rows, prev, live_tokens = rows[keep_rows], prev[keep_rows], live_tokens[keep_rows]
         state = state.select(rows)
 
-    order = fin_scores.argsort(dim=1, descending=True)[:, :nbest]
-    lengths = fin_lengths.gather(1, order)
-    width = max(int(lengths.max()), 1)
-    tokens = fin_tokens.gather(1, order.unsqueeze(2).expand(-1, -1, steps))[:, :, :width]
-    return SearchOutput(tokens, fin_scores.gather(1, order), lengths)
+    lengths = fin_lengths[:, :nbest]
+    width = int(lengths.max()) if B else 0
+    return SearchOutput(fin_tokens[:, :nbest, :width].contiguous(), fin_scores[:, :nbest].contiguous(),
+                        lengths.contiguous())

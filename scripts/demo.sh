@@ -20,6 +20,8 @@ mt train --config configs/multi30k.yaml \
     --set run_dir="$run_dir" \
     --set data.train="$data/train" --set data.valid="$data/val" --set data.test="$data/test_2016_flickr" \
     --set train.max_time_minutes="${MT_MINUTES:-60}" "$@"
-echo "== test_2016_flickr, averaged checkpoint, beam 4 =="
-mt eval --checkpoint "$run_dir/checkpoint_avg.pt" --src "$data/test_2016_flickr.de" \
-    --ref "$data/test_2016_flickr.en" --output "$run_dir/test_2016_flickr.hyp.en"
+for which in last avg; do
+    echo "== test_2016_flickr, checkpoint_$which.pt, beam 4 =="
+    mt eval --checkpoint "$run_dir/checkpoint_$which.pt" --src "$data/test_2016_flickr.de" \
+        --ref "$data/test_2016_flickr.en" --output "$run_dir/test_2016_flickr.$which.hyp.en" --quiet
+done

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Tests never touch the network. `datasets` and `huggingface_hub` read these once, when first imported, and
+# without them even a local `hf:pairs.jsonl` makes `datasets` send a usage ping (and a hub name retries for
+# ~20 s). Set here, before any test module imports them; subprocesses inherit them.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -31,3 +41,23 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
             "--set", "train.max_steps=30", "--set", "train.validate_every=30", "--set", "train.save_every=15"]
     assert main(args) == 0
     return tmp / "run" / "checkpoint_avg.pt"
+
+
+@dataclass
+class Network:
+    attempts: list[str]  # every try at a connection or a name lookup, each refused
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> Network:
+    """Refuse (and record) every connection and DNS lookup made from this process during the test."""
+    attempts: list[str] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(repr(args[:2]))
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return Network(attempts)

@@ -40,5 +40,5 @@ def test_two_gloo_processes_match_one_process_with_update_freq_2(tmp_path):
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], atol=2e-5, rtol=1e-4)
         moved = max(moved, (a["model"][key] - start[key]).abs().max().item())
-    assert moved > 1e-3  # the weights did change between step 2 and 4: the comparison is not vacuous
+    assert moved > 1e-4  # the weights did change between step 2 and 4: the comparison is not vacuous
     assert len(a["rng"]) == 1 and len(b["rng"]) == 2  # each rank's RNG state is kept for resuming

@@ -1,197 +1,428 @@
-"""Search: beam search against brute force on a stub decoder, greedy, sampling, and the real model's cache."""
+"""Search: beam search against brute-force enumeration on a stub decoder of hand-written tables, greedy search,
+length limits, sampling and its filters, and the real model's incremental decoder (batching, caching)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
-from dataclasses import dataclass
+import math
+from typing import Callable
 
 import pytest
 import torch
 
-from mt.config import ModelConfig
-from mt.model import Transformer
-from mt.search import beam_search, greedy_search, length_penalty, sample, top_k_top_p_filter
+from mt.search import (
+    beam_search,
+    greedy_search,
+    length_penalty,
+    max_lengths,
+    sample,
+    top_k_top_p_filter,
+)
 
-PAD, BOS, EOS = 0, 2, 3
-V = 6  # pad, unk, bos, eos and two words
+PAD, UNK, BOS, EOS, A, B = 0, 1, 2, 3, 4, 5
+V = 6
+WORDS = [t for t in range(V) if t not in (PAD, EOS)]  # what a search may output before EOS
+EPS = 1e-6  # the probability of every token a hand-written table does not name
+
+Table = Callable[[int, tuple], torch.Tensor]  # (sentence, output prefix) -> logits (V,)
 
 
-@dataclass
+# ---- a stub decoder: next-token logits are a function of the sentence and the whole prefix fed so far
+
+
 class StubState:
-    history: torch.Tensor  # (R, step) tokens fed so far
-    sentence: torch.Tensor  # (R,) which source row each row decodes
-    step: int = 0
+    def __init__(self, sentence: torch.Tensor, history: torch.Tensor, step: int = 0):
+        self.sentence = sentence  # (rows,) the source sentence of each row
+        self.history = history  # (rows, step) tokens fed so far, BOS first
+        self.step = step
 
-    def select(self, index):
-        return StubState(self.history[index], self.sentence[index], self.step)
+    def select(self, index: torch.Tensor) -> "StubState":
+        assert index.dtype == torch.long and index.dim() == 1
+        return StubState(self.sentence[index], self.history[index], self.step)
 
 
 class StubModel:
-    """A decoder whose next-token log-probabilities are a hand-made table indexed by (sentence, step,
-    previous token): search results can be checked against enumeration of every output."""
+    """Duck-types the model's incremental interface. Because the logits depend on the whole prefix that the
+    state's history holds, a search that reorders beams wrongly reads the wrong table. `rows_per_step` records
+    the batch size of every decode_step call."""
 
-    def __init__(self, n_sentences: int, steps: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.table = torch.randn(n_sentences, steps, V, V, generator=g) * 2.0
+    def __init__(self, table: Table):
+        self.table = table
+        self.rows_per_step: list[int] = []
 
-    def start_decoding(self, src, max_len=None):
-        return StubState(torch.zeros(src.size(0), 0, dtype=torch.long), torch.arange(src.size(0)))
+    def start_decoding(self, src: torch.Tensor, max_len: int | None = None) -> StubState:
+        self.rows_per_step = []
+        n = src.size(0)
+        return StubState(torch.arange(n), torch.zeros(n, 0, dtype=torch.long))
 
-    def decode_step(self, tokens, state):
-        state.history = torch.cat([state.history, tokens.unsqueeze(1)], 1)
-        logits = self.table[state.sentence, state.step, tokens]
+    def decode_step(self, tokens: torch.Tensor, state: StubState) -> torch.Tensor:
+        assert tokens.shape == state.sentence.shape and state.step == state.history.size(1)
+        state.history = torch.cat([state.history, tokens.unsqueeze(1)], dim=1)
+        assert (state.history[:, 0] == BOS).all()
+        logits = torch.stack([self.table(s, tuple(h[1:]))
+                              for s, h in zip(state.sentence.tolist(), state.history.tolist())])
+        self.rows_per_step.append(len(logits))
         state.step += 1
         return logits
 
-    def logprob(self, sentence: int, seq: list[int]) -> float:
-        total, prev = 0.0, BOS
-        for t, tok in enumerate(seq):
-            total += self.table[sentence, t, prev].log_softmax(-1)[tok].item()
-            prev = tok
-        return total
+    def logprob(self, sentence: int, y: list[int]) -> float:
+        """log P(y | sentence), PAD included in the normalisation (the search forbids it without
+        renormalising)."""
+        return sum(self.table(sentence, tuple(y[:t])).double().log_softmax(-1)[tok].item()
+                   for t, tok in enumerate(y))
 
 
-def all_outputs(max_len: int):
-    """Every output the search may produce: non-EOS tokens then EOS, at most max_len tokens in all."""
-    for n in range(max_len):
-        for body in itertools.product([t for t in range(V) if t != EOS], repeat=n):
+def random_table(seed: int, scale: float = 2.0) -> Table:
+    """Gaussian logits, a fixed function of (seed, sentence, prefix), whatever order they are asked in."""
+    memo: dict = {}
+
+    def table(sentence: int, prefix: tuple) -> torch.Tensor:
+        key = (sentence, prefix)
+        if key not in memo:
+            g = torch.Generator().manual_seed(hash((seed, *key)) % 2**62)
+            memo[key] = torch.randn(V, generator=g) * scale
+        return memo[key]
+
+    return table
+
+
+def hand_table(probs: dict[tuple, dict[int, float]], default: dict[int, float] | None = None) -> Table:
+    """Hand-written probabilities per prefix, the same for every sentence; unnamed tokens get EPS, unnamed
+    prefixes `default` (EOS for sure)."""
+    default = default or {EOS: 1.0}
+    memo: dict = {}
+
+    def table(sentence: int, prefix: tuple) -> torch.Tensor:
+        if prefix not in memo:
+            p = torch.full((V,), EPS, dtype=torch.float64)
+            for tok, q in probs.get(prefix, default).items():
+                p[tok] = q
+            memo[prefix] = p.log().float()
+        return memo[prefix]
+
+    return table
+
+
+def all_outputs(max_len: int, min_len: int = 0):
+    """Every output a search may give: words, then EOS, min_len <= |Y| <= max_len with EOS counted."""
+    for n in range(max(min_len, 1) - 1, max_len):
+        for body in itertools.product(WORDS, repeat=n):
             yield list(body) + [EOS]
 
 
-def brute_force(stub: StubModel, sentence: int, max_len: int, alpha: float):
-    scored = [(stub.logprob(sentence, y) / length_penalty(torch.tensor(len(y)), alpha).item(), y)
-              for y in all_outputs(max_len)]
+def brute_force(stub: StubModel, sentence: int, max_len: int, alpha: float, min_len: int = 0):
+    """[(log P(y) / lp(|y|), y)] over every output, best first."""
+    scored = [(stub.logprob(sentence, y) / ((5 + len(y)) / 6) ** alpha, y) for y in all_outputs(max_len, min_len)]
     return sorted(scored, key=lambda x: -x[0])
 
 
-def src_of(n: int, length: int = 3) -> torch.Tensor:
-    return torch.full((n, length), 5, dtype=torch.long)
+def src_of(lengths: list[int]) -> torch.Tensor:
+    """(len(lengths), max) source rows with the given numbers of non-pad tokens (their content is unused by
+    the stub)."""
+    src = torch.full((len(lengths), max(lengths)), PAD)
+    for i, n in enumerate(lengths):
+        src[i, :n] = 7
+    return src
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
-def test_large_beam_finds_the_exhaustive_best_and_nbest(alpha):
+def hyp(out, i: int, k: int = 0) -> list[int]:
+    return out.tokens[i, k, :int(out.lengths[i, k])].tolist()
+
+
+IDS = dict(bos=BOS, eos=EOS, pad=PAD)
+
+
+# ---- the small pure functions
+
+
+def test_length_penalty_is_the_gnmt_formula():
+    lengths = torch.tensor([1, 2, 7])
+    torch.testing.assert_close(length_penalty(lengths, 0.6), torch.tensor([1.0, (7 / 6) ** 0.6, 2 ** 0.6]))
+    torch.testing.assert_close(length_penalty(lengths, 0.0), torch.ones(3))
+
+
+def test_max_length_is_a_times_the_non_pad_source_length_plus_b_per_sentence():
+    src = src_of([3, 1, 6])
+    assert max_lengths(src, PAD, 1.0, 50).tolist() == [53, 51, 56]
+    assert max_lengths(src, PAD, 1.5, 2).tolist() == [6, 3, 11]  # floored
+    assert max_lengths(src, PAD, 0.0, 0).tolist() == [1, 1, 1]  # room for EOS at least
+
+
+def test_top_p_keeps_the_smallest_set_of_most_likely_tokens_reaching_the_mass():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 9, generator=g) * 2
+    probs = logits.double().softmax(-1)
+    for top_p in (0.05, 0.3, 0.5, 0.75, 0.9, 0.99):
+        kept = top_k_top_p_filter(logits, top_p=top_p).isfinite()
+        for row in range(len(logits)):
+            order = probs[row].argsort(descending=True).tolist()
+            cum = probs[row][order].cumsum(0)
+            if (cum - top_p).abs().min() < 1e-6:
+                continue  # too close to call in float32
+            m = int((cum < top_p).sum()) + 1  # the smallest m whose top-m mass reaches top_p
+            assert set(kept[row].nonzero().flatten().tolist()) == set(order[:m]), (top_p, row)
+    # Mass exactly top_p is enough (uniform logits: the probabilities and their sums are exact in float32).
+    assert top_k_top_p_filter(torch.zeros(1, 4), top_p=0.5).isfinite().sum() == 2
+
+
+def test_top_k_keeps_the_k_most_likely_tokens_and_filters_compose():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5]])
+    assert top_k_top_p_filter(logits, top_k=2).isfinite().tolist() == [[False, True, False, True, False]]
+    assert top_k_top_p_filter(logits, top_k=9).isfinite().all()
+    # top-k first, then the nucleus of what is left: 3.0 alone holds 73% of the top-2 mass.
+    assert top_k_top_p_filter(logits, top_k=2, top_p=0.7).isfinite().tolist() == [[False, True] + [False] * 3]
+
+
+# ---- beam search and greedy search on hand-written tables
+
+
+@pytest.mark.parametrize("alpha,min_len", [(0.0, 0), (0.6, 0), (2.0, 0), (0.6, 3)])
+def test_beam_search_nbest_matches_exhaustive_enumeration(alpha, min_len):
     max_len = 4
-    stub = StubModel(2, max_len, seed=3)
-    out = beam_search(stub, src_of(2), bos=BOS, eos=EOS, pad=PAD, beam_size=200, length_penalty=alpha,
-                      nbest=3, max_len_a=0.0, max_len_b=max_len)
+    stub = StubModel(random_table(seed=3))
+    # Step t has at most 4**t live prefixes x 5 finite extensions (4 words, EOS): 5, 20, 80, then 64 forced
+    # EOS. All fit within the top K = 128, as do all 85 outputs, so no prefix is ever dropped: exhaustive.
+    out = beam_search(stub, src_of([2, 2]), **IDS, beam_size=128, length_penalty=alpha, nbest=5,
+                      max_len_a=0.0, max_len_b=max_len, min_len=min_len)
+    assert out.tokens.shape[:2] == (2, 5)
     for s in range(2):
-        expected = brute_force(stub, s, max_len, alpha)[:3]
-        for k, (score, seq) in enumerate(expected):
-            got = out.tokens[s, k, :out.lengths[s, k]].tolist()
-            assert got == seq, (s, k)
-            assert out.scores[s, k].item() == pytest.approx(score, abs=1e-5)
+        expected = brute_force(stub, s, max_len, alpha, min_len)[:5]
+        assert [hyp(out, s, k) for k in range(5)] == [y for _, y in expected]
+        torch.testing.assert_close(out.scores[s], torch.tensor([score for score, _ in expected]),
+                                   atol=1e-5, rtol=1e-5)
+        assert out.lengths[s].tolist() == [len(y) for _, y in expected]
 
 
-def test_beam_size_1_equals_greedy_on_the_stub():
-    stub = StubModel(3, 5, seed=1)
-    kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len_a=0.0, max_len_b=5)
-    greedy = greedy_search(stub, src_of(3), **kw)
-    beam = beam_search(stub, src_of(3), beam_size=1, length_penalty=0.0, **kw)
-    assert torch.equal(greedy.tokens, beam.tokens)
+# A table where the greedy choice is wrong: "A" is likelier first, but "B EOS" is the likeliest output.
+GREEDY_TRAP = {(): {A: 0.6, B: 0.4}, (A,): {A: 0.45, B: 0.3, EOS: 0.25}, (A, A): {EOS: 1.0},
+               (B,): {EOS: 0.9, A: 0.05, B: 0.05}}
+
+
+def test_greedy_takes_the_hand_computed_path_and_beam_search_finds_the_better_output():
+    stub = StubModel(hand_table(GREEDY_TRAP))
+    greedy = greedy_search(stub, src_of([1]), **IDS, max_len_a=0.0, max_len_b=10)
+    assert hyp(greedy, 0) == [A, A, EOS]
+    assert greedy.scores[0, 0].item() == pytest.approx(math.log(0.6 * 0.45 * 1.0), abs=1e-4)
+    assert greedy.lengths.tolist() == [[3]]
+    beam = beam_search(stub, src_of([1]), **IDS, beam_size=2, length_penalty=0.0, nbest=2,
+                       max_len_a=0.0, max_len_b=10)
+    assert [hyp(beam, 0, 0), hyp(beam, 0, 1)] == [[B, EOS], [A, A, EOS]]
+    torch.testing.assert_close(beam.scores[0], torch.tensor([math.log(0.36), math.log(0.27)]),
+                               atol=1e-4, rtol=0)
+    assert brute_force(stub, 0, 4, 0.0)[0][1] == [B, EOS]
+
+
+def test_beam_search_keeps_going_while_a_live_hypothesis_can_still_win():
+    # With alpha = 3 the long "B A A EOS" (P = 0.2) beats "EOS" (P = 0.5): -1.61 / 3.375 > -0.69 / 1. After
+    # step 2 the beam holds two finished outputs ("EOS", "A EOS"); stopping there (fairseq's rule) misses it.
+    table = hand_table({(): {EOS: 0.5, A: 0.3, B: 0.2}, (A,): {EOS: 0.6, A: 0.4}, (B,): {A: 1.0},
+                        (B, A): {A: 1.0}, (B, A, A): {EOS: 1.0}})
+    stub = StubModel(table)
+    out = beam_search(stub, src_of([1]), **IDS, beam_size=2, length_penalty=3.0, max_len_a=0.0, max_len_b=6)
+    best_score, best = brute_force(stub, 0, 6, 3.0)[0]
+    assert best == [B, A, A, EOS] and hyp(out, 0) == best
+    assert out.scores[0, 0].item() == pytest.approx(best_score, abs=1e-5)
+
+
+def test_beam_size_1_without_length_penalty_equals_greedy_on_the_stub():
+    stub = StubModel(random_table(seed=1))
+    src = src_of([1, 2, 3, 4])
+    kw = dict(**IDS, max_len_a=1.0, max_len_b=3)
+    greedy = greedy_search(stub, src, **kw)
+    beam = beam_search(stub, src, beam_size=1, length_penalty=0.0, **kw)
+    assert torch.equal(greedy.tokens, beam.tokens) and torch.equal(greedy.lengths, beam.lengths)
     torch.testing.assert_close(greedy.scores, beam.scores)
 
 
-def test_greedy_follows_the_argmax_path_of_the_tables():
-    stub = StubModel(1, 5, seed=7)
-    out = greedy_search(stub, src_of(1), bos=BOS, eos=EOS, pad=PAD, max_len_a=0.0, max_len_b=5)
-    prev, expected = BOS, []
-    for t in range(5):
-        row = stub.table[0, t, prev].clone()
-        if t == 4:  # the limit: only EOS remains
-            row[[i for i in range(V) if i != EOS]] = -torch.inf
-        prev = int(row.argmax())
-        expected.append(prev)
-        if prev == EOS:
-            break
-    assert out.tokens[0, 0, :out.lengths[0, 0]].tolist() == expected
-    assert out.scores[0, 0].item() == pytest.approx(stub.logprob(0, expected), abs=1e-5)
+EOS_FIRST = hand_table({}, default={EOS: 0.9, A: 0.05, B: 0.05})  # every sentence wants to stop at once
+NEVER_EOS = hand_table({}, default={A: 0.6, B: 0.4})  # EOS only where forced (P = EPS)
 
 
-def test_max_length_is_per_sentence_and_min_len_delays_eos():
-    stub = StubModel(2, 12, seed=2)
-    src = torch.tensor([[5, 5, 0, 0], [5, 5, 5, 5]])  # 2 and 4 real tokens
-    out = beam_search(stub, src, bos=BOS, eos=EOS, pad=PAD, beam_size=3, max_len_a=1.0, max_len_b=3)
-    assert out.lengths[0, 0] <= 5 and out.lengths[1, 0] <= 7
-    for search in (greedy_search, beam_search):
-        fixed = search(stub, src, bos=BOS, eos=EOS, pad=PAD, max_len_a=0.0, max_len_b=6, min_len=6)
-        assert fixed.lengths[:, 0].tolist() == [6, 6]
-        assert (fixed.tokens[:, 0, :5] != EOS).all() and (fixed.tokens[:, 0, 5] == EOS).all()
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_search_stops_as_soon_as_every_sentence_is_done(search):
+    stub = StubModel(EOS_FIRST)
+    kw = dict(**IDS, max_len_a=0.0, max_len_b=50)
+    out = greedy_search(stub, src_of([3]), **kw) if search == "greedy" else \
+        beam_search(stub, src_of([3]), **kw, beam_size=2, length_penalty=0.0)
+    assert hyp(out, 0) == [EOS]
+    # Beam search needs a second finished output, and a step to see that no live one can beat it.
+    assert len(stub.rows_per_step) <= (1 if search == "greedy" else 3)
 
 
-def test_top_p_keeps_the_smallest_set_reaching_the_mass():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    kept = top_k_top_p_filter(probs.log(), top_p=0.8).isfinite()
-    assert kept.tolist() == [[True, True, False, False]]
-    kept = top_k_top_p_filter(probs.log(), top_p=0.81).isfinite()
-    assert kept.tolist() == [[True, True, True, False]]
-    kept = top_k_top_p_filter(probs.log(), top_k=1).isfinite()
-    assert kept.tolist() == [[True, False, False, False]]
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_finished_sentences_leave_the_batch(search):
+    # Sentence 0 stops at once; sentence 1 never wants to, so runs to its limit of 8 alone.
+    stub = StubModel(lambda s, prefix: (EOS_FIRST if s == 0 else NEVER_EOS)(s, prefix))
+    kw = dict(**IDS, max_len_a=0.0, max_len_b=8)
+    K = 1 if search == "greedy" else 3
+    out = greedy_search(stub, src_of([2, 2]), **kw) if search == "greedy" else \
+        beam_search(stub, src_of([2, 2]), **kw, beam_size=K, length_penalty=0.6)
+    assert out.lengths[:, 0].tolist() == [1, 8]
+    assert len(stub.rows_per_step) == 8
+    assert stub.rows_per_step[0] == 2 * K and stub.rows_per_step[-1] == K
 
 
-def test_sampling_with_top_k_1_is_greedy_and_seeded_sampling_repeats():
-    stub = StubModel(4, 6, seed=5)
-    kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len_a=0.0, max_len_b=6)
-    greedy = greedy_search(stub, src_of(4), **kw)
-    assert torch.equal(sample(stub, src_of(4), top_k=1, **kw).tokens, greedy.tokens)
-    a = sample(stub, src_of(4), temperature=1.5, generator=torch.Generator().manual_seed(1), **kw)
-    b = sample(stub, src_of(4), temperature=1.5, generator=torch.Generator().manual_seed(1), **kw)
-    assert torch.equal(a.tokens, b.tokens)
+@pytest.mark.parametrize("search", ["greedy", "beam", "sample"])
+def test_rows_without_eos_are_forced_to_end_at_their_own_limit(search):
+    stub = StubModel(NEVER_EOS)
+    src = src_of([3, 1, 5])
+    kw = dict(**IDS, max_len_a=1.0, max_len_b=2)
+    out = {"greedy": lambda: greedy_search(stub, src, **kw),
+           "beam": lambda: beam_search(stub, src, **kw, beam_size=3, nbest=3),
+           "sample": lambda: sample(stub, src, **kw, generator=torch.Generator().manual_seed(0))}[search]()
+    limits = [5, 3, 7]
+    assert out.tokens.shape[2] == max(limits)
+    for i, limit in enumerate(limits):
+        for k in range(out.tokens.size(1)):
+            assert out.lengths[i, k] == limit
+            y = out.tokens[i, k].tolist()
+            assert y[limit - 1] == EOS and EOS not in y[:limit - 1] and PAD not in y[:limit]
+            assert all(t == PAD for t in y[limit:])
+    assert out.scores.isfinite().all()
 
 
-# ---- with the real model
+@pytest.mark.parametrize("search", ["greedy", "beam", "sample"])
+def test_min_len_delays_eos_and_the_limit_wins_over_it(search):
+    stub = StubModel(EOS_FIRST)
+    src = src_of([2, 2])
+
+    def run(min_len: int, limit: int):
+        kw = dict(**IDS, max_len_a=0.0, max_len_b=limit, min_len=min_len)
+        if search == "greedy":
+            return greedy_search(stub, src, **kw)
+        if search == "beam":
+            return beam_search(stub, src, **kw, beam_size=3, nbest=3)
+        return sample(stub, src, **kw, generator=torch.Generator().manual_seed(0))
+
+    out = run(min_len=4, limit=10)
+    assert (out.lengths >= 4).all()
+    assert not (out.tokens[:, :, :3] == EOS).any()
+    if search != "beam":  # EOS is so likely that greedy search and sampling stop as soon as allowed
+        assert (out.lengths == 4).all()
+    fixed = run(min_len=20, limit=6)  # the benchmark's fixed-length output: min_len >= limit
+    assert (fixed.lengths == 6).all() and (fixed.tokens[:, :, 5] == EOS).all()
 
 
-def real_model() -> Transformer:
+def test_nbest_larger_than_the_beam_is_refused():
+    with pytest.raises(ValueError, match="nbest"):
+        beam_search(StubModel(EOS_FIRST), src_of([1]), **IDS, beam_size=2, nbest=3)
+
+
+# ---- sampling
+
+
+def test_sampling_with_top_k_1_equals_greedy():
+    stub = StubModel(random_table(seed=5))
+    src = src_of([1, 2, 3, 4])
+    kw = dict(**IDS, max_len_a=1.0, max_len_b=3)
+    greedy = greedy_search(stub, src, **kw)
+    sampled = sample(stub, src, top_k=1, temperature=1.7, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(sampled.tokens, greedy.tokens)
+    torch.testing.assert_close(sampled.scores, greedy.scores)
+
+
+def test_sampling_with_a_seeded_generator_is_reproducible():
+    stub = StubModel(random_table(seed=6, scale=0.5))
+    src = src_of([4] * 8)
+    kw = dict(**IDS, max_len_a=1.0, max_len_b=4)
+
+    def run(seed: int):
+        return sample(stub, src, **kw, generator=torch.Generator().manual_seed(seed))
+
+    first, again, other = run(1), run(1), run(2)
+    assert torch.equal(first.tokens, again.tokens) and torch.equal(first.scores, again.scores)
+    assert not torch.equal(first.tokens, other.tokens)
+    for i in range(src.size(0)):  # the score is the model's own log-prob of the sampled output
+        assert first.scores[i, 0].item() == pytest.approx(stub.logprob(i, hyp(first, i)), abs=1e-4)
+
+
+@pytest.mark.parametrize("temperature,top_p,expected", [
+    (1.0, 1.0, {A: 0.6, B: 0.3, UNK: 0.1}),
+    (2.0, 1.0, {A: 0.6 ** 0.5, B: 0.3 ** 0.5, UNK: 0.1 ** 0.5}),  # p ** (1 / T), renormalised below
+    (1.0, 0.7, {A: 0.6, B: 0.3}),  # the nucleus: A alone (0.6) is short of 0.7
+])
+def test_sampling_draws_from_the_tempered_filtered_distribution(temperature, top_p, expected):
+    stub = StubModel(hand_table({(): {A: 0.6, B: 0.3, UNK: 0.1 - 4 * EPS}}))
+    n = 4000
+    out = sample(stub, src_of([1] * n), **IDS, max_len_a=0.0, max_len_b=2, temperature=temperature, top_p=top_p,
+                 generator=torch.Generator().manual_seed(0))
+    first = out.tokens[:, 0, 0]
+    total = sum(expected.values())
+    for tok in WORDS:
+        freq = first.eq(tok).float().mean().item()
+        assert freq == pytest.approx(expected.get(tok, 0.0) / total, abs=0.03), tok
+
+
+# ---- the real model
+
+
+@pytest.fixture(scope="module")
+def model():
+    from mt.config import ModelConfig
+    from mt.model import Transformer
+
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0)
-    return Transformer(cfg, 40, 40, pad_id=PAD, share_all_embeddings=True).eval()
+    return Transformer(cfg, src_vocab_size=40, tgt_vocab_size=40, pad_id=PAD).eval()
 
 
 def sources() -> torch.Tensor:
+    """(6, 8): rows of 8, 3, 6, 1, 5 and 2 tokens (the last one EOS), padded."""
     g = torch.Generator().manual_seed(4)
-    src = torch.randint(4, 40, (5, 8), generator=g)
-    for i, n in enumerate([8, 3, 6, 1, 5]):
+    src = torch.randint(4, 40, (6, 8), generator=g)
+    for i, n in enumerate([8, 3, 6, 1, 5, 2]):
         src[i, n - 1] = EOS
         src[i, n:] = PAD
     return src
 
 
-def test_beam_size_1_equals_greedy_on_the_real_model():
-    model, src = real_model(), sources()
-    kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len_b=10)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_beam_size_1_equals_greedy_on_the_real_model(model, device):
+    model, src = copy.deepcopy(model).to(device), sources().to(device)
+    kw = dict(**IDS, max_len_b=6)
     greedy = greedy_search(model, src, **kw)
     beam = beam_search(model, src, beam_size=1, length_penalty=0.0, **kw)
-    assert torch.equal(greedy.tokens, beam.tokens)
-    torch.testing.assert_close(greedy.scores, beam.scores, atol=1e-4, rtol=1e-4)
+    sampled = sample(model, src, **kw, generator=torch.Generator(device).manual_seed(0))
+    for out in (greedy, beam, sampled):  # every output follows the input's device
+        assert {out.tokens.device.type, out.scores.device.type, out.lengths.device.type} == {device}
+    assert torch.equal(greedy.tokens, beam.tokens) and torch.equal(greedy.lengths, beam.lengths)
+    torch.testing.assert_close(greedy.scores, beam.scores, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("search", ["greedy", "beam"])
-def test_a_sentence_alone_and_in_a_batch_gives_the_same_output(search):
-    model, src = real_model(), sources()
-    kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len_b=10)
-    run = (lambda s: greedy_search(model, s, **kw)) if search == "greedy" else \
-        (lambda s: beam_search(model, s, beam_size=4, nbest=2, **kw))
+def test_a_sentence_decoded_alone_or_in_a_batch_gives_the_same_output(model, search):
+    src = sources()
+    kw = dict(**IDS, max_len_b=6)
+
+    def run(s: torch.Tensor):
+        if search == "greedy":
+            return greedy_search(model, s, **kw)
+        return beam_search(model, s, **kw, beam_size=3, nbest=2)
+
     together = run(src)
     for i in range(src.size(0)):
-        n = int(src[i].ne(PAD).sum())
-        alone = run(src[i:i + 1, :n])
+        alone = run(src[i:i + 1, :int(src[i].ne(PAD).sum())])  # no padding at all
         for k in range(together.tokens.size(1)):
-            length = int(together.lengths[i, k])
-            assert together.tokens[i, k, :length].tolist() == alone.tokens[0, k, :length].tolist()
+            assert hyp(together, i, k) == hyp(alone, 0, k), (i, k)
             assert together.scores[i, k].item() == pytest.approx(alone.scores[0, k].item(), abs=1e-4)
 
 
-def test_cached_decoding_agrees_with_recomputing_the_whole_prefix():
-    model, src = real_model(), sources()
-    out = greedy_search(model, src, bos=BOS, eos=EOS, pad=PAD, max_len_a=0.0, max_len_b=7)
-    with torch.no_grad():  # reference: no cache, the full forward pass over the prefix at every step
-        prefix = torch.full((src.size(0), 1), BOS)
-        for _ in range(7):
-            logits = model(src, prefix)[:, -1]
-            prefix = torch.cat([prefix, logits.argmax(-1, keepdim=True)], 1)
-    for i in range(src.size(0)):
-        got = out.tokens[i, 0, :int(out.lengths[i, 0])].tolist()
-        # The first six choices are free in both; the seventh is EOS in the search (its length limit).
-        free = min(len(got), 6)
-        assert got[:free] == prefix[i, 1:1 + free].tolist()
-        assert got[-1] == EOS
+def test_cached_decoding_agrees_with_recomputing_the_whole_prefix(model):
+    src = sources()
+    out = greedy_search(model, src, **IDS, max_len_a=1.0, max_len_b=4)
+    with torch.no_grad():  # reference: no cache, the full teacher-forced pass over the prefix at every step
+        for i in range(src.size(0)):
+            limit = int(src[i].ne(PAD).sum()) + 4
+            prefix, total = [BOS], 0.0
+            while prefix[-1] != EOS or len(prefix) == 1:
+                lprobs = model(src[i:i + 1], torch.tensor([prefix]))[0, -1].double().log_softmax(-1)
+                lprobs[PAD] = -math.inf
+                tok = EOS if len(prefix) == limit else int(lprobs.argmax())
+                total += lprobs[tok].item()
+                prefix.append(tok)
+            assert hyp(out, i) == prefix[1:], i
+            assert out.scores[i, 0].item() == pytest.approx(total, abs=1e-4)

@@ -39,8 +39,8 @@ def test_reversal_task_reaches_bleu_90_in_under_a_minute(tmp_path, capsys):
         f"data.train={tmp_path / 'train'}", f"data.valid={tmp_path / 'test'}",
         "data.spm_model_type=word", "data.vocab_size=30", "data.max_tokens=2048",
         "model.d_model=64", "model.n_heads=4", "model.n_layers=2", "model.d_ff=256", "model.dropout=0.0",
-        "train.max_steps=250", "train.warmup_steps=50", "train.peak_lr=3e-3", "train.label_smoothing=0.1",
-        "train.validate_every=250", "train.save_every=50", "train.average_last=2", "train.log_every=100",
+        "train.max_steps=600", "train.warmup_steps=50", "train.peak_lr=3e-3", "train.label_smoothing=0.1",
+        "train.validate_every=600", "train.save_every=100", "train.average_last=2", "train.log_every=100",
     ]
     start = time.time()
     args = ["train", "--config", "configs/tiny.yaml", "--quiet"]

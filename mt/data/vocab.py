@@ -132,12 +132,19 @@ def train_sentencepiece(sentences: Iterable[str], cfg: DataConfig, threads: int)
     """
     model = io.BytesIO()
     count = 0
+    failure: MTError | None = None
 
     def counted() -> Iterator[str]:
-        nonlocal count
-        for s in sentences:
-            count += 1
-            yield s
+        # SentencePiece turns an exception raised by the iterator into a multi-line RuntimeError
+        # ("INTERNAL: MTError: ... At: file(line)"); keep the reader's own error to re-raise it as it was.
+        nonlocal count, failure
+        try:
+            for s in sentences:
+                count += 1
+                yield s
+        except MTError as e:
+            failure = e
+            raise
 
     try:
         spm.SentencePieceTrainer.train(
@@ -156,6 +163,8 @@ def train_sentencepiece(sentences: Iterable[str], cfg: DataConfig, threads: int)
     except MTError:
         raise
     except RuntimeError as e:
+        if failure is not None:
+            raise failure from None
         if count == 0:
             raise MTError(f"{cfg.train}: no non-empty sentence pairs to learn a vocabulary from") from None
         raise MTError(f"{cfg.train}: SentencePiece could not learn a vocabulary: {str(e).strip()}") from None
