@@ -14,21 +14,29 @@ from mt.checkpoint import load_checkpoint
 from conftest import ROOT, write_pairs
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def tiny_run_args(tmp_path, dropout: float, save_every: int) -> list[str]:
+    """`mt train` arguments for a tiny model on 200 Multi30k pairs, 256-token batches, one thread."""
+    prefix = write_pairs(tmp_path / "pairs", 200)
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--quiet"]
+    for item in (f"data.train={prefix}", f"data.valid={prefix}", "data.max_tokens=256", f"model.dropout={dropout}",
+                 "train.valid_bleu=false", "train.validate_every=100", f"train.save_every={save_every}",
+                 "train.average_last=0", "train.num_threads=1"):
+        args += ["--set", item]
+    return args
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_update_freq_2(tmp_path):
-    prefix = write_pairs(tmp_path / "pairs", 200)
-    common = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--quiet",
-              "--set", f"data.train={prefix}", "--set", f"data.valid={prefix}", "--set", "data.max_tokens=256",
-              "--set", "model.dropout=0.0", "--set", "train.max_steps=4", "--set", "train.valid_bleu=false",
-              "--set", "train.validate_every=100", "--set", "train.save_every=2", "--set", "train.average_last=0",
-              "--set", "train.num_threads=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = tiny_run_args(tmp_path, dropout=0.0, save_every=2) + ["--set", "train.max_steps=4"]
     single = subprocess.run([sys.executable, "-m", "mt", "train", *common, "--set", f"run_dir={tmp_path / 'one'}",
-                             "--set", "train.update_freq=2"], capture_output=True, text=True, env=env)
+                             "--set", "train.update_freq=2"], capture_output=True, text=True, env=ENV)
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29533", "-m", "mt", "train", *common,
-                          "--set", f"run_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env)
+                          "--set", f"run_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=ENV)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 processes: global batch" in ddp.stdout
     a = load_checkpoint(tmp_path / "one" / "checkpoint_last.pt")
@@ -42,3 +50,23 @@ def test_two_gloo_processes_match_one_process_with_update_freq_2(tmp_path):
         moved = max(moved, (a["model"][key] - start[key]).abs().max().item())
     assert moved > 1e-4  # the weights did change between step 2 and 4: the comparison is not vacuous
     assert len(a["rng"]) == 1 and len(b["rng"]) == 2  # each rank's RNG state is kept for resuming
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
+    common = tiny_run_args(tmp_path, dropout=0.1, save_every=3)
+
+    def torchrun(run: str, steps: int, *extra: str) -> None:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", "29534", "-m", "mt", "train", *common, "--set", f"run_dir={tmp_path / run}",
+                            "--set", f"train.max_steps={steps}", *extra], capture_output=True, text=True, env=ENV)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    torchrun("straight", 6)
+    torchrun("resumed", 3)
+    torchrun("resumed", 6, "--resume")
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint_last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint_last.pt")
+    assert a["progress"]["step"] == b["progress"]["step"] == 6
+    for key in a["model"]:  # dropout is on: equal weights need each rank's RNG state restored
+        assert torch.equal(a["model"][key], b["model"][key]), key
