@@ -115,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mt.config import load_config, save_config
+
+    cfg = load_config(args.config, args.overrides)  # before importing torch: config mistakes fail fast
+
     import torch
 
-    from mt.config import load_config, save_config
     from mt.data import batch_stats, make_batches, prepare_data
     from mt.train import init_distributed, resolve_device, train
 
-    cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun, rank 0 learns the vocabulary and writes the cache while the others wait, then reuse it.
