@@ -172,7 +172,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise MTError("eval needs --hyp and --ref, or --checkpoint with --src/--ref or -t/-l")
         hyps, refs = read_hyp_ref(args.hyp, args.ref)
     else:
-        from mt.io import read_lines
         from mt.translate import load_translator, translate_lines, write_lines
 
         if args.test_set:
@@ -182,8 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             if not args.src or not args.ref:
                 raise MTError("eval --checkpoint needs --src and --ref, or -t and -l")
-            sources = list(read_lines(args.src))
-            _, refs = read_hyp_ref(args.src, args.ref)  # checks the line counts match
+            sources, refs = read_hyp_ref(args.src, args.ref)  # also checks that the line counts match
         translator = load_translator(args.checkpoint, args.overrides, _search_overrides(args), args.device)
         hyps = translate_lines(translator, sources)
         if args.output:

@@ -320,16 +320,18 @@ class Trainer:
         if valid is None:
             return {}
         self.model.eval()
-        loss_sum = nll_sum = 0.0
+        sums = torch.zeros(2, device=self.device)  # (loss, nll), read once at the end
         tokens = 0
         batches = make_batches(valid.src_lens, valid.tgt_lens, self.cfg.data.max_tokens, 0, 0, shuffle=False)
         for indices in batches:
-            b = collate(valid, indices).to(self.device)
+            b = collate(valid, indices)
+            tokens += b.n_tgt_tokens  # on the host, before the batch moves
+            b = b.to(self.device)
             with autocast(self.tc.precision, self.device):
                 logits = self.model(b.src, b.tgt_in)
-            loss, nll = label_smoothed_loss(logits.flatten(0, 1), b.tgt_out.flatten(), self.tc.label_smoothing)
-            loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
-            tokens += int((b.tgt_out != PAD).sum())
+            sums += torch.stack(label_smoothed_loss(logits.flatten(0, 1), b.tgt_out.flatten(),
+                                                    self.tc.label_smoothing))
+        loss_sum, nll_sum = sums.tolist()
         result = {"valid_loss": loss_sum / tokens, "valid_nll": nll_sum / tokens,
                   "valid_ppl": math.exp(min(nll_sum / tokens, 50.0))}
         if self.tc.valid_bleu:

@@ -20,7 +20,7 @@ import torch
 
 from mt.checkpoint import load_for_inference
 from mt.config import DecodeConfig, apply_override, from_dict, to_dict, validate, Config
-from mt.data import BOS, EOS, PAD, Vocab, make_batches
+from mt.data import BOS, EOS, PAD, Vocab, make_batches, pad_sentences
 from mt.io import atomic_open, read_lines
 from mt.model import Transformer
 from mt.search import SearchOutput, beam_search, greedy_search, sample
@@ -70,12 +70,10 @@ def translate_nbest(t: Translator, lines: list[str]) -> list[list[tuple[str, flo
         return results
     ids = t.vocab.src.encode([lines[i] for i in todo])
     lens = np.fromiter(map(len, ids), np.int64, len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lens.sum()))
+    offsets = np.concatenate([[0], np.cumsum(lens)])
     for batch in make_batches(lens, np.zeros_like(lens), t.decode.max_tokens, 0, 0, shuffle=False):
-        width = int(lens[batch].max()) + 1
-        src = torch.full((len(batch), width), PAD, dtype=torch.long)
-        for row, j in enumerate(batch.tolist()):  # building the input tensor, not the decoding loop
-            src[row, :lens[j]] = torch.tensor(ids[j], dtype=torch.long)
-            src[row, lens[j]] = EOS
+        src = torch.from_numpy(pad_sentences(flat, offsets, batch, prefix=None, suffix=EOS))
         out = search(t.model, src.to(t.device), t.decode)
         tokens, scores = out.tokens.tolist(), out.scores.tolist()
         for row, j in enumerate(batch.tolist()):

@@ -141,24 +141,14 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def train_flops(size: str, vocab_size: int, batches) -> float:
-    """Model FLOPs (forward + backward = 3x forward, multiply-add = 2) of one pass over `batches`.
+    """Model FLOPs (forward + backward) of one pass over `batches`, on their padded shapes, from the model's
+    own count (`mt.model.train_flops_per_token`, checked against PyTorch's FlopCounterMode)."""
+    from mt.config import ModelConfig
+    from mt.model import train_flops_per_token
 
-    Counts the matrix products of the paper's architecture on the padded shapes: projections, feed-forward,
-    attention scores and sums, and the output projection. Embedding look-ups and norms are not counted.
-    """
-    s = SIZES[size]
-    d, f, n = s["d_model"], s["d_ff"], s["n_layers"]
-    total = 0.0
-    for b in batches:
-        B, S = b.src.shape
-        T = b.tgt_in.shape[1]
-        enc = n * B * S * (4 * d * d + 2 * d * f + 2 * S * d)
-        dec = n * B * T * (4 * d * d + 2 * d * f + 2 * T * d  # self-attention + FFN
-                           + 2 * d * d + 2 * S * d)  # cross-attention: Q, output and the scores/sums
-        dec += n * B * S * 2 * d * d  # cross-attention K, V over the source
-        out = B * T * d * vocab_size
-        total += 3 * 2 * (enc + dec + out)
-    return total
+    cfg = ModelConfig(**SIZES[size])
+    return sum(b.tgt_in.numel() * train_flops_per_token(cfg, vocab_size, b.src.size(1), b.tgt_in.size(1))
+               for b in batches)
 
 
 def memory_probe(args) -> None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mt.config import DataConfig
-from mt.data.batching import Batch, BatchStats, batch_stats, collate, iterate_batches, make_batches
+from mt.data.batching import (Batch, BatchStats, batch_stats, collate, iterate_batches, make_batches,
+                              pad_sentences)
 from mt.data.cache import EncodedCorpus, Filters, load_or_encode
 from mt.data.corpus import read_corpus
 from mt.data.vocab import BOS, EOS, PAD, UNK, Vocab, load_or_train_vocab
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BOS", "EOS", "PAD", "UNK", "Batch", "BatchStats", "EncodedCorpus", "Filters", "PreparedData", "Vocab",
-    "batch_stats", "collate", "iterate_batches", "make_batches", "prepare_data", "read_corpus",
+    "batch_stats", "collate", "iterate_batches", "make_batches", "pad_sentences", "prepare_data", "read_corpus",
 ]
 
 

@@ -68,15 +68,16 @@ def make_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, se
 
 def collate(corpus: EncodedCorpus, indices: np.ndarray) -> Batch:
     """Gather pairs into padded tensors without a Python loop over the batch."""
-    src = _pad(corpus.src_tokens, corpus.src_offsets, indices, prefix=None, suffix=EOS)
-    tgt_in = _pad(corpus.tgt_tokens, corpus.tgt_offsets, indices, prefix=BOS, suffix=None)
-    tgt_out = _pad(corpus.tgt_tokens, corpus.tgt_offsets, indices, prefix=None, suffix=EOS)
+    src = pad_sentences(corpus.src_tokens, corpus.src_offsets, indices, prefix=None, suffix=EOS)
+    tgt_in = pad_sentences(corpus.tgt_tokens, corpus.tgt_offsets, indices, prefix=BOS, suffix=None)
+    tgt_out = pad_sentences(corpus.tgt_tokens, corpus.tgt_offsets, indices, prefix=None, suffix=EOS)
     return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), indices)
 
 
-def _pad(tokens: np.ndarray, offsets: np.ndarray, indices: np.ndarray, prefix: int | None,
+def pad_sentences(tokens: np.ndarray, offsets: np.ndarray, indices: np.ndarray, prefix: int | None,
          suffix: int | None) -> np.ndarray:
-    """(batch, max_len + 1) int64: each sentence with `prefix` or `suffix` added, padded with PAD."""
+    """(batch, max_len + 1) int64: sentences `indices` of the flat `tokens` (sentence i is
+    tokens[offsets[i]:offsets[i + 1]]), each with `prefix` or `suffix` added, padded with PAD."""
     starts = np.asarray(offsets[indices], np.int64)
     lens = np.asarray(offsets[indices + 1], np.int64) - starts
     width = int(lens.max(initial=0)) + 1
