@@ -93,6 +93,9 @@ class TrainConfig:
     warmup_steps: int = 4000
     lr_scale: float = 1.0
     peak_lr: Optional[float] = None
+    # inverse_sqrt: Equation 3 | linear: warmup, then straight to zero at the end of max_steps or
+    # max_time_minutes, whichever comes first (the better choice under a wall-time budget)
+    lr_schedule: str = "inverse_sqrt"
     clip_norm: float = 0.0  # 0: no clipping
     validate_every: int = 1000
     valid_bleu: bool = True  # greedy-decode the dev set at each validation
@@ -135,6 +138,7 @@ CHOICES = {
     ("model", "norm"): ("post", "pre"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "best_metric"): ("bleu", "loss"),
+    ("train", "lr_schedule"): ("inverse_sqrt", "linear"),
     ("decode", "method"): ("beam", "greedy", "sample"),
 }
 

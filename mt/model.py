@@ -75,6 +75,31 @@ def train_flops_per_token(cfg: ModelConfig, tgt_vocab_size: int, src_len: int, t
     return 3 * 2 * (encoder + decoder + output) / T
 
 
+class Dropout(nn.Module):
+    """nn.Dropout (Section 5.4: zero each element with probability p, scale the rest by 1 / (1 - p)), with a
+    faster mask on the CPU.
+
+    PyTorch's CPU dropout draws its mask with `bernoulli_`, which measured 2.5x slower than comparing uniform
+    draws with p (`rand_like(x) >= p`), the same distribution: about 8% of a training step of the Multi30k
+    model. CUDA keeps the fused kernel.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 # --------------------------------------------------------------------------------------------------------
 # Sections 3.4, 3.5: embeddings and positional encodings
 
@@ -87,7 +112,7 @@ class Embeddings(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
         self.scale = math.sqrt(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         # Not persistent: it is a function of its shape, so checkpoints need not carry it.
         self.register_buffer("pe", sinusoids(max_positions, d_model), persistent=False)
 
@@ -184,7 +209,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(activation_dropout)
+        self.dropout = Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, L, D) -> (B, L, D)."""
@@ -202,7 +227,7 @@ class Residual(nn.Module):
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, x: Tensor, sublayer) -> Tensor:

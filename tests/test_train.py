@@ -61,6 +61,19 @@ def test_peak_lr_form_peaks_at_warmup_with_the_given_value():
     assert learning_rate(400, cfg, 512) == pytest.approx(5e-4)
 
 
+def test_linear_schedule_warms_up_then_falls_straight_to_zero_at_the_end_of_the_budget():
+    cfg = TrainConfig(warmup_steps=100, peak_lr=1e-3, lr_schedule="linear")
+    assert learning_rate(50, cfg, 512) == pytest.approx(5e-4)  # warming up
+    assert learning_rate(100, cfg, 512, done=0.0) == pytest.approx(1e-3)
+    assert learning_rate(100, cfg, 512, done=0.25) == pytest.approx(7.5e-4)  # warmup capped by the decay line
+    assert learning_rate(900, cfg, 512, done=0.75) == pytest.approx(2.5e-4)
+    assert learning_rate(900, cfg, 512, done=1.0) == 0.0
+    assert learning_rate(900, cfg, 512, done=1.2) == 0.0  # a step past the budget never goes negative
+    # Without peak_lr, the peak is that of Equation 3.
+    paper = TrainConfig(warmup_steps=4000, lr_schedule="linear")
+    assert learning_rate(4000, paper, 512) == pytest.approx(learning_rate(4000, TrainConfig(warmup_steps=4000), 512))
+
+
 def _tiny_config(tmp_path: Path, corpus: Path, *extra: str):
     return load_config("configs/tiny.yaml", [
         f"run_dir={tmp_path / 'run'}", f"data.train={corpus}", f"data.valid={corpus}", *extra])
@@ -88,6 +101,24 @@ def test_tiny_model_overfits_50_pairs(tmp_path):
     # Memorised: greedy decoding of the training sources reproduces the references.
     assert result.last_valid["valid_bleu"] > 90, result.last_valid
     assert result.last_valid["valid_ppl"] < 1.3
+
+
+def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_wall_time_budget(tmp_path):
+    corpus = _write_corpus(tmp_path / "pairs", n=40)
+    cfg = _tiny_config(tmp_path, corpus, "train.lr_schedule=linear", "train.max_steps=20", "train.warmup_steps=4",
+                       "train.log_every=1", "train.valid_bleu=false", "train.average_last=0",
+                       "data.max_tokens=256")
+    trainer = Trainer(cfg, prepare_data(cfg.data, cfg.run_dir))
+    trainer.fit()
+    lrs = [r["lr"] for r in map(json.loads, (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r]
+    expected = [1e-3 * min(s / 4, 1 - (s - 1) / 20) for s in range(1, 21)]
+    assert lrs == pytest.approx(expected)  # the last step still learns: 1/20 of the peak
+    # A wall-time budget half spent halves the rate, whatever the step count says.
+    batch = next(trainer.micro_batches())[0]
+    trainer.progress.step, trainer.time_done = 5, 0.5
+    trainer.train_step([batch], batch.n_tgt_tokens)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
 
 
 def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
