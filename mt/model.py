@@ -187,6 +187,18 @@ class MultiHeadAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
+    def attend_grouped(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor, group: int) -> Tensor:
+        """Cross-attention of one target position for rows in groups of `group` consecutive rows that share a
+        memory row (the beams of one sentence). x (B, 1, D); k, v (B / group, H, S, Dh); mask
+        (B / group, 1, 1, S) -> (B, 1, D).
+
+        A group's rows become `group` query positions of one attention over their sentence's keys and values,
+        so beam search never copies those per beam: not when the beams are made, nor when they are reordered.
+        """
+        q = self.q_proj(x).view(-1, group, self.n_heads, self.d_head).transpose(1, 2)  # (B / group, H, group, Dh)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B / group, H, group, Dh)
+        return self.out_proj(out.transpose(1, 2).reshape(x.shape))
+
     def forward(self, x: Tensor, memory: Tensor | None = None, mask: Tensor | None = None,
                 causal: bool = False) -> Tensor:
         """x (B, L, D) queries; memory (B, S, D) for cross-attention (keys and values come from x otherwise);
@@ -278,10 +290,11 @@ class DecoderLayer(nn.Module):
         return self.res_ffn(x, self.ffn)
 
     def step(self, x: Tensor, cache: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor], step: int,
-             mask: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+             mask: Tensor, group: int = 1) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """One target position. x (B, 1, D) at position `step`; cache: self-attention keys and values, each
-        (B, H, capacity, Dh), filled for positions < step; cross_kv: each (B, H, S, Dh); mask (B, 1, 1, S)
-        -> (B, 1, D) and the cache with this position's keys and values written (grown if it was full)."""
+        (B, H, capacity, Dh), filled for positions < step; cross_kv: each (B / group, H, S, Dh), shared by
+        groups of `group` consecutive rows; mask (B / group, 1, 1, S) -> (B, 1, D) and the cache with this
+        position's keys and values written (grown if it was full)."""
         def self_attention(y: Tensor) -> Tensor:
             nonlocal cache
             q, k, v = self.self_attn.project_qkv(y)
@@ -290,7 +303,7 @@ class DecoderLayer(nn.Module):
             return self.self_attn.attend(q, keys, values)
 
         def cross_attention(y: Tensor) -> Tensor:
-            return self.cross_attn.attend(self.cross_attn.project_q(y), *cross_kv, mask)
+            return self.cross_attn.attend_grouped(y, *cross_kv, mask, group)
 
         x = self.res_self(x, self_attention)
         x = self.res_cross(x, cross_attention)
@@ -331,39 +344,47 @@ def _resize(buffer: Tensor, filled: int, capacity: int, index: Tensor | None = N
 
 @dataclass
 class DecoderState:
-    """Everything the incremental decoder carries between steps for B rows (sentences, or sentences x beams).
+    """Everything the incremental decoder carries between steps for B rows: sentences, or sentences x beams.
 
-    `decode_step` writes into the self-attention caches in place and advances `step`; `select` builds a new
-    state. Only the first `step` positions of a self-attention cache are meaningful.
+    Rows come in groups of `group` consecutive rows that decode the same sentence (the beams of beam search;
+    1 otherwise) and share one row of the memory and its cross-attention keys and values, so those hold
+    N = B / group rows. `decode_step` writes into the self-attention caches in place and advances `step`;
+    `select` builds a new state. Only the first `step` positions of a self-attention cache are meaningful.
     """
 
-    memory: Tensor  # (B, S, D): the encoder's output
-    src_pad: Tensor  # (B, S) bool, True at padding
-    cross_kv: list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values, each (B, H, S, Dh)
+    memory: Tensor  # (N, S, D): the encoder's output
+    src_pad: Tensor  # (N, S) bool, True at padding
+    cross_kv: list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values, each (N, H, S, Dh)
     self_kv: list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values, each (B, H, capacity, Dh)
     step: int = 0  # tokens fed so far
+    group: int = 1  # rows per sentence
 
     @property
     def capacity(self) -> int:
         """Positions the self-attention caches hold before they next grow."""
         return self.self_kv[0][0].size(2) if self.self_kv else 0
 
-    def select(self, index: Tensor) -> "DecoderState":
-        """index (B',) long, on the state's device -> a new state whose row i is this state's row index[i].
+    def select(self, index: Tensor, sentences: Tensor | None = None) -> "DecoderState":
+        """A new state whose row i is this state's row index[i]: index (B',) long, on the state's device.
 
-        Beam search expands (repeat_interleave), reorders (beam origins) and prunes (finished sentences) with
-        it. Copies the filled part of each cache only; the capacity is kept.
+        Greedy search prunes finished sentences with it (group 1: the memory follows `index`). Beam search
+        (group > 1) reorders beams within their sentences and prunes whole sentences: `index` must then keep
+        each new group's rows inside one old group, and `sentences` (B' / group,) names the old group
+        (memory row) of each new group; None keeps every sentence where it is, and the memory is not copied.
+        Copies the filled part of each self-attention cache only; the capacity is kept.
         """
-        def rows(t: Tensor) -> Tensor:
-            return t.index_select(0, index)
-
+        if sentences is None and self.group == 1:
+            sentences = index
+        if sentences is None:
+            memory, src_pad, cross_kv = self.memory, self.src_pad, self.cross_kv
+        else:
+            memory, src_pad = self.memory.index_select(0, sentences), self.src_pad.index_select(0, sentences)
+            cross_kv = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_kv]
         return DecoderState(
-            memory=rows(self.memory),
-            src_pad=rows(self.src_pad),
-            cross_kv=[(rows(k), rows(v)) for k, v in self.cross_kv],
+            memory=memory, src_pad=src_pad, cross_kv=cross_kv,
             self_kv=[(_resize(k, self.step, k.size(2), index), _resize(v, self.step, v.size(2), index))
                      for k, v in self.self_kv],
-            step=self.step,
+            step=self.step, group=self.group,
         )
 
 
@@ -462,9 +483,10 @@ class Transformer(nn.Module):
 
     # ---- incremental decoding: encode once, then one target position per call (for search, under no_grad)
 
-    def start_decoding(self, src: Tensor, max_len: int | None = None) -> DecoderState:
-        """src (B, S) long -> the decoder's state before its first step: the memory, its cross-attention keys
-        and values (computed once here), and empty self-attention caches with room for max_len positions
+    def start_decoding(self, src: Tensor, max_len: int | None = None, beam_size: int = 1) -> DecoderState:
+        """src (N, S) long -> the decoder's state before its first step, for B = N * beam_size rows (row
+        n * beam_size + j decodes sentence n): the memory, its cross-attention keys and values (computed once
+        here, one row per sentence), and empty self-attention caches with room for max_len positions
         (DEFAULT_CACHE_CAPACITY when None; they double when full)."""
         memory, src_pad = self.encode(src)
         capacity = max(max_len or DEFAULT_CACHE_CAPACITY, 1)
@@ -473,9 +495,9 @@ class Transformer(nn.Module):
             k, v = layer.cross_attn.project_kv(memory)
             cross_kv.append((k, v))
             # Never read beyond `step`, so uninitialised memory is fine.
-            shape = (src.size(0), k.size(1), capacity, k.size(3))
+            shape = (src.size(0) * beam_size, k.size(1), capacity, k.size(3))
             self_kv.append((k.new_empty(shape), v.new_empty(shape)))
-        return DecoderState(memory, src_pad, cross_kv, self_kv, 0)
+        return DecoderState(memory, src_pad, cross_kv, self_kv, 0, beam_size)
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """tokens (B,) long: the token at position state.step (BOS at step 0) -> logits (B, V) for the next
@@ -484,6 +506,6 @@ class Transformer(nn.Module):
         x = self.tgt_embed(tokens.unsqueeze(1), start=state.step)  # (B, 1, D)
         mask = padding_mask(state.src_pad)
         for i, layer in enumerate(self.decoder):
-            x, state.self_kv[i] = layer.step(x, state.self_kv[i], state.cross_kv[i], state.step, mask)
+            x, state.self_kv[i] = layer.step(x, state.self_kv[i], state.cross_kv[i], state.step, mask, state.group)
         state.step += 1
         return self.output(self.decoder_norm(x)).squeeze(1)

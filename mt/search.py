@@ -2,9 +2,9 @@
 
 A search talks to the model through three calls only (duck typing, so tests drive it with a stub decoder):
 
-    state = model.start_decoding(src, max_len)     encode once
-    logits = model.decode_step(tokens, state)      one position for every row, caches updated in place
-    state = state.select(index)                    expand / reorder / prune rows
+    state = model.start_decoding(src, max_len, beam_size)   encode once; beam_size rows per sentence
+    logits = model.decode_step(tokens, state)                one position for every row, caches updated in place
+    state = state.select(index, sentences)                   reorder / prune rows (sentences: see DecoderState)
 
 Sentences and beams are rows of one batch; the one Python loop is over time steps.
 
@@ -216,7 +216,7 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
     steps = int(limit.max()) if B else 0  # one read before the loop: the buffers' width
     lp = _lp(torch.arange(steps + 2, device=device), alpha)  # (steps + 2,) lp of each length
     lp_limit = lp[limit]  # (B,)
-    state = model.start_decoding(src, steps).select(torch.arange(B, device=device).repeat_interleave(K))
+    state = model.start_decoding(src, steps, beam_size=K)  # rows g*K .. g*K+K-1 decode sentence g
 
     # The finished hypotheses of every sentence, best first; a slot not yet filled scores -inf.
     fin_tokens = torch.full((B, K, steps), pad, dtype=torch.long, device=device)
@@ -270,12 +270,13 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
         n_done = int(done.sum())  # the step's one host read
         if n_done == n:
             break
+        keep = None  # every sentence stays: the state reorders beams within sentences, memory untouched
         if n_done:
             keep = _rows_where(~done, n - n_done)  # (n',)
             keep_rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).flatten()  # (n'*K,)
             sent, live_scores = sent[keep], live_scores[keep]
             rows, prev, live_tokens = rows[keep_rows], prev[keep_rows], live_tokens[keep_rows]
-        state = state.select(rows)
+        state = state.select(rows, keep)
 
     lengths = fin_lengths[:, :nbest]
     width = int(lengths.max()) if B else 0

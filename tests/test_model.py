@@ -170,6 +170,27 @@ def test_incremental_decoding_after_select_equals_forward_on_the_selected_rows()
     assert state.memory.size(0) == state.src_pad.size(0) == state.cross_kv[0][0].size(0) == 1
 
 
+def test_beam_groups_share_one_memory_row_and_reordering_within_them_copies_none_of_it():
+    model = tiny("post")
+    src, tgt = batch()
+    K = 2
+    # Steps before which the state is reordered within sentences (None) or pruned to some sentences.
+    schedule = {1: ([1, 1, 3, 2, 4, 5], None), 3: ([0, 0, 5, 4], torch.tensor([0, 2])), 4: ([3, 2], torch.tensor([1]))}
+    rows = torch.arange(3).repeat_interleave(K)  # the sentence each state row decodes
+    with torch.inference_mode():
+        state = model.start_decoding(src, max_len=2, beam_size=K)
+        assert state.memory.size(0) == state.cross_kv[0][0].size(0) == 3 and state.self_kv[0][0].size(0) == 6
+        for t in range(tgt.size(1)):
+            if t in schedule:
+                index, sentences = schedule[t]
+                old, state, rows = state, state.select(torch.tensor(index), sentences), rows[index]
+                if sentences is None:  # a reorder: the very same memory tensors, not copies
+                    assert state.memory is old.memory and state.cross_kv[0][0] is old.cross_kv[0][0]
+                assert state.memory.size(0) == state.cross_kv[1][1].size(0) == len(index) // K
+            logits = model.decode_step(tgt[rows, t], state)
+            assert_close(logits, model(src[rows], tgt[rows])[:, t], **TOL)
+
+
 # ---- 5: weight tying, positional encodings
 
 

@@ -37,7 +37,7 @@ class StubState:
         self.history = history  # (rows, step) tokens fed so far, BOS first
         self.step = step
 
-    def select(self, index: torch.Tensor) -> "StubState":
+    def select(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> "StubState":
         assert index.dtype == torch.long and index.dim() == 1
         return StubState(self.sentence[index], self.history[index], self.step)
 
@@ -51,10 +51,10 @@ class StubModel:
         self.table = table
         self.rows_per_step: list[int] = []
 
-    def start_decoding(self, src: torch.Tensor, max_len: int | None = None) -> StubState:
+    def start_decoding(self, src: torch.Tensor, max_len: int | None = None, beam_size: int = 1) -> StubState:
         self.rows_per_step = []
-        n = src.size(0)
-        return StubState(torch.arange(n), torch.zeros(n, 0, dtype=torch.long))
+        n = src.size(0) * beam_size
+        return StubState(torch.arange(src.size(0)).repeat_interleave(beam_size), torch.zeros(n, 0, dtype=torch.long))
 
     def decode_step(self, tokens: torch.Tensor, state: StubState) -> torch.Tensor:
         assert tokens.shape == state.sentence.shape and state.step == state.history.size(1)
