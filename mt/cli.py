@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default="-", help="source text, one sentence per line (default: stdin)")
     p.add_argument("--output", default="-", help="where to write translations (default: stdout)")
     _search_options(p)
-    p.add_argument("--nbest", type=int, help="write the N best hypotheses per line as 'line ||| score ||| text'")
+    p.add_argument("--nbest", type=int, help="write the N best hypotheses per line as 'line ||| text ||| score'")
     common(p)
 
     p = sub.add_parser("eval", help="score translations with sacreBLEU (BLEU and chrF)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,6 +148,23 @@ CHOICES = {
 # Loading
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with the booleans of YAML 1.2, true and false only. PyYAML follows YAML 1.1, which also reads
+    yes/no/on/off as booleans and so turns `src_lang: no` (Norwegian) into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML file (or start from the defaults), apply `section.key=value` overrides, validate."""
     raw: dict[str, Any] = {}
@@ -160,7 +178,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except UnicodeDecodeError as e:
             raise MTError(f"{path}: not valid UTF-8 (byte {e.start})") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = _parse_yaml(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark is not None else ""
@@ -180,6 +198,18 @@ def apply_override(raw: dict, item: str) -> None:
         raise MTError(f"--set {item}: expected section.key=value")
     dotted, value = item.split("=", 1)
     keys = dotted.strip().split(".")
+    # Checked here, so that a mistyped --set is reported as such and not under the config file's name.
+    cls: Any = Config
+    for depth, k in enumerate(keys):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            where = ".".join(keys[:depth])
+            hint = f" (did you mean '{where + '.' if where else ''}{close[0]}'?)" if close else ""
+            raise MTError(f"--set {item}: unknown key '{'.'.join(keys[:depth + 1])}'{hint}")
+        cls = typing.get_type_hints(cls)[k]
+        if depth < len(keys) - 1 and not dataclasses.is_dataclass(cls):
+            raise MTError(f"--set {item}: {k} is not a section")
     node = raw
     for k in keys[:-1]:
         if node.get(k) is None:  # absent, or an empty section
@@ -188,7 +218,7 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise MTError(f"--set {item}: {k} is not a section")
     try:
-        node[keys[-1]] = yaml.safe_load(value)
+        node[keys[-1]] = _parse_yaml(value)
     except yaml.YAMLError:
         raise MTError(f"--set {item}: cannot parse value {value!r}") from None
 

@@ -88,7 +88,7 @@ def _bad_corpus(tmp_path: Path, de: bytes, en: bytes) -> Path:
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("bad key", "configs/tiny.yaml: unknown key 'model.d_modle' (did you mean 'model.d_model'?)"),
+    ("bad key", "--set model.d_modle=3: unknown key 'model.d_modle' (did you mean 'model.d_model'?)"),
     ("missing file", "{tmp}/nope.de: file not found"),
     ("mismatched", "{tmp}/c.en: has 1 lines but {tmp}/c.de has 2: "
                    "the two sides of a parallel corpus must have the same number of lines"),

@@ -44,6 +44,13 @@ def test_an_empty_file_or_an_empty_section_keeps_the_defaults(tmp_path):
     assert load_config(write(tmp_path, "model:\n"), ["model.d_model=256", "model.n_heads=4"]).model.d_model == 256
 
 
+def test_language_codes_that_yaml_1_1_reads_as_booleans_stay_strings(tmp_path):
+    cfg = load_config(write(tmp_path, "data:\n  src_lang: no\n  tgt_lang: on\ntrain:\n  valid_bleu: false\n"))
+    assert (cfg.data.src_lang, cfg.data.tgt_lang, cfg.train.valid_bleu) == ("no", "on", False)
+    cfg = load_config(None, ["data.tgt_lang=no", "data.src_lang=en", "train.compile=true"])
+    assert (cfg.data.tgt_lang, cfg.train.compile) == ("no", True)
+
+
 def test_file_values_and_overrides_are_applied_with_yaml_types(tmp_path):
     path = write(tmp_path, "model:\n  d_model: 256\n  n_heads: 4\ntrain:\n  peak_lr: 1.0e-3\n")
     cfg = load_config(path, ["train.adam_betas=[0.9, 0.99]", "model.n_decoder_layers=2", "train.peak_lr=5e-4",
@@ -65,7 +72,7 @@ def test_file_values_and_overrides_are_applied_with_yaml_types(tmp_path):
     # unknown keys, with the closest valid key
     ("model:\n  d_modle: 512\n", [], "c.yaml: unknown key 'model.d_modle' (did you mean 'model.d_model'?)"),
     ("modle:\n  d_model: 512\n", [], "c.yaml: unknown key 'modle' (did you mean 'model'?)"),
-    ("", ["train.max_step=10"], "c.yaml: unknown key 'train.max_step' (did you mean 'train.max_steps'?)"),
+    ("", ["train.max_step=10"], "--set train.max_step=10: unknown key 'train.max_step' (did you mean 'train.max_steps'?)"),
     # wrong types
     ("model:\n  d_model: big\n", [], "c.yaml: model.d_model must be int, got str 'big'"),
     ("model:\n  d_model: true\n", [], "c.yaml: model.d_model must be int, got bool True"),
@@ -96,6 +103,7 @@ def test_file_values_and_overrides_are_applied_with_yaml_types(tmp_path):
                                                    "cannot start any token"),
     ("", ["model.d_model"], "--set model.d_model: expected section.key=value"),
     ("run_dir: x\n", ["run_dir.x=1"], "--set run_dir.x=1: run_dir is not a section"),
+    ("", ["trian.peak_lr=1e-3"], "--set trian.peak_lr=1e-3: unknown key 'trian' (did you mean 'train'?)"),
 ])
 def test_bad_configs_stop_with_one_line_naming_file_and_key(tmp_path, text, overrides, message):
     got = error_of(write(tmp_path, text), overrides)
