@@ -95,6 +95,8 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha (default: decode.length_penalty)")
     p.add_argument("--method", choices=("beam", "greedy", "sample"), help="search method (default: beam)")
     p.add_argument("--max-tokens", type=int, help="source tokens per batch (default: decode.max_tokens)")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="weights to search with: bf16 is faster on GPUs and CPUs with bf16 matmuls (default: fp32)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
@@ -208,7 +210,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 def _search_overrides(args: argparse.Namespace) -> list[str]:
     pairs = {"beam_size": args.beam_size, "length_penalty": args.length_penalty, "method": args.method,
-             "max_tokens": args.max_tokens, "nbest": getattr(args, "nbest", None)}
+             "max_tokens": args.max_tokens, "nbest": getattr(args, "nbest", None), "precision": args.precision}
     return [f"decode.{k}={v}" for k, v in pairs.items() if v is not None]
 
 

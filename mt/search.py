@@ -17,9 +17,11 @@ Conventions shared by all searches:
   A forced EOS keeps the model's own log-probability, so a score is always log P(Y | X) (length-normalised
   for beam search).
 - PAD is never produced: the model is never trained to predict it, and the output is padded with it.
-- Host synchronisation: one small read per step (how many sentences/rows are done), which is what lets the
-  search stop early and drop finished sentences from the batch. Pruning indices are built on the device
-  from that count (`_rows_where`), without `nonzero`'s second read.
+- Host synchronisation: one small read (how many sentences/rows are done) every `sync_every` steps, which is
+  what lets the search stop early and drop finished sentences from the batch. On a CPU it costs nothing and
+  happens every step; on a GPU (default every 8 steps) it would otherwise stall the host's run-ahead at every
+  step, so a finished row is carried, emitting nothing, until the next read. Pruning indices are built on
+  the device from that count (`_rows_where`), without `nonzero`'s second read.
 """
 
 from __future__ import annotations
@@ -100,15 +102,25 @@ def sample_categorical(logits: Tensor, generator: torch.Generator | None = None)
     return (logits - noise.log()).argmax(-1)
 
 
-def _constrain(lprobs: Tensor, length: int, limit: Tensor, *, eos: int, pad: int, min_len: int) -> Tensor:
-    """lprobs (rows, vocab): log-probs of the `length`-th output token; limit (rows,) -> lprobs with PAD
-    forbidden, EOS forbidden while length < min_len, and nothing but EOS where length >= limit (the limit
-    wins). The forced EOS keeps its own log-probability, so scores stay the model's."""
-    eos_lp = lprobs[:, eos]
-    out = lprobs.masked_fill((length >= limit).unsqueeze(1), -torch.inf)
-    out[:, pad] = -torch.inf
-    out[:, eos] = eos_lp if length >= min_len else eos_lp.masked_fill(length < limit, -torch.inf)
-    return out
+def _constrain_(lprobs: Tensor, length: int, limit: Tensor, *, eos: int, pad: int, min_len: int) -> Tensor:
+    """lprobs (rows, vocab): log-probs of the `length`-th output token; limit (rows,) -> lprobs, modified in
+    place (a search step's largest tensor, not worth a copy), with PAD forbidden, EOS forbidden while
+    length < min_len, and nothing but EOS where length >= limit (the limit wins). The forced EOS keeps its
+    own log-probability, so scores stay the model's."""
+    eos_lp = lprobs[:, eos].clone()
+    lprobs.masked_fill_((length >= limit).unsqueeze(1), -torch.inf)
+    lprobs[:, pad] = -torch.inf
+    lprobs[:, eos] = eos_lp if length >= min_len else eos_lp.masked_fill(length < limit, -torch.inf)
+    return lprobs
+
+
+def _sync_period(device: torch.device, sync_every: int | None) -> int:
+    """Steps between the search's host reads: `sync_every`, or by default 1 on the CPU and 8 elsewhere."""
+    if sync_every is None:
+        return 1 if device.type == "cpu" else 8
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+    return sync_every
 
 
 def _rows_where(mask: Tensor, count: int) -> Tensor:
@@ -121,9 +133,10 @@ def _rows_where(mask: Tensor, count: int) -> Tensor:
 
 
 def _one_token_at_a_time(model, src: Tensor, choose, *, bos: int, eos: int, pad: int, max_len_a: float,
-                         max_len_b: int, min_len: int) -> SearchOutput:
+                         max_len_b: int, min_len: int, sync_every: int | None) -> SearchOutput:
     """The loop shared by greedy search and sampling. choose(lprobs (rows, vocab)) -> tokens (rows,).
-    Rows that emitted EOS leave the batch (`state.select`); the loop ends when none is left."""
+    Rows that emitted EOS leave the batch (`state.select`) at the next host read; the loop ends when none is
+    left."""
     B, device = src.size(0), src.device
     limit = max_lengths(src, pad, max_len_a, max_len_b)  # (B,)
     steps = int(limit.max()) if B else 0  # one read before the loop: the buffers' width
@@ -131,43 +144,47 @@ def _one_token_at_a_time(model, src: Tensor, choose, *, bos: int, eos: int, pad:
     tokens = torch.full((B, steps), pad, dtype=torch.long, device=device)
     scores = torch.zeros(B, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
+    period = _sync_period(device, sync_every)
     rows = torch.arange(B, device=device)  # (rows,) the sentence each row decodes
+    live = torch.ones(B, dtype=torch.bool, device=device)  # (rows,) False once the row has emitted EOS
     prev = torch.full((B,), bos, dtype=torch.long, device=device)
     for t in range(steps):
         row_limit = limit[rows]
         logits = model.decode_step(prev, state)
-        lprobs = _constrain(F.log_softmax(logits.float(), dim=-1), t + 1, row_limit, eos=eos, pad=pad,
-                            min_len=min_len)
-        # Forced even where the model gives EOS probability zero, so that every output ends in EOS.
-        token = choose(lprobs).masked_fill(t + 1 >= row_limit, eos)
+        lprobs = _constrain_(F.log_softmax(logits.float(), dim=-1), t + 1, row_limit, eos=eos, pad=pad,
+                             min_len=min_len)
+        # Forced even where the model gives EOS probability zero, so that every output ends in EOS. A row that
+        # has ended (still in the batch until the next read) emits only padding, scored 0.
+        token = choose(lprobs).masked_fill(t + 1 >= row_limit, eos).masked_fill(~live, pad)
         tokens[rows, t] = token
-        scores.index_add_(0, rows, lprobs.gather(1, token.unsqueeze(1)).squeeze(1))
-        lengths.index_fill_(0, rows, t + 1)
-        alive = token.ne(eos)
-        n_alive = int(alive.sum())  # the step's one host read
-        if n_alive == 0:
-            break
-        if n_alive < rows.numel():
-            keep = _rows_where(alive, n_alive)
-            state, rows, token = state.select(keep), rows[keep], token[keep]
+        scores.index_add_(0, rows, lprobs.gather(1, token.unsqueeze(1)).squeeze(1).masked_fill(~live, 0.0))
+        lengths.index_add_(0, rows, live.long())
+        live = live & token.ne(eos)
         prev = token
+        if (t + 1) % period == 0:
+            n_alive = int(live.sum())  # the host read
+            if n_alive == 0:
+                break
+            if n_alive < rows.numel():
+                keep = _rows_where(live, n_alive)
+                state, rows, prev, live = state.select(keep), rows[keep], prev[keep], live[keep]
     width = int(lengths.max()) if B else 0
     return SearchOutput(tokens[:, None, :width], scores[:, None], lengths[:, None])
 
 
 @torch.inference_mode()
 def greedy_search(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float = 1.0,
-                  max_len_b: int = 50, min_len: int = 0) -> SearchOutput:
+                  max_len_b: int = 50, min_len: int = 0, sync_every: int | None = None) -> SearchOutput:
     """The most likely token at every step. src (batch, src_len) long, padded with pad -> SearchOutput with
     nbest = 1, scored by the sum of log-probs."""
     return _one_token_at_a_time(model, src, lambda lprobs: lprobs.argmax(-1), bos=bos, eos=eos, pad=pad,
-                                max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
+                                max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len, sync_every=sync_every)
 
 
 @torch.inference_mode()
 def sample(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float = 1.0, max_len_b: int = 50,
            min_len: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> SearchOutput:
+           generator: torch.Generator | None = None, sync_every: int | None = None) -> SearchOutput:
     """Ancestral sampling from softmax(log p / temperature), restricted to the top k tokens and the top-p
     nucleus (for back-translation, Edunov et al., 2018). src (batch, src_len) -> SearchOutput with nbest = 1,
     scored by the sum of the model's untempered, unfiltered log-probs of the sampled tokens. `generator`, on
@@ -181,7 +198,7 @@ def sample(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float
         return sample_categorical(top_k_top_p_filter(lprobs / temperature, top_k, top_p), generator)
 
     return _one_token_at_a_time(model, src, choose, bos=bos, eos=eos, pad=pad, max_len_a=max_len_a,
-                                max_len_b=max_len_b, min_len=min_len)
+                                max_len_b=max_len_b, min_len=min_len, sync_every=sync_every)
 
 
 # ---- beam search
@@ -190,7 +207,7 @@ def sample(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float
 @torch.inference_mode()
 def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: int = 4,
                 length_penalty: float = 0.6, nbest: int = 1, max_len_a: float = 1.0, max_len_b: int = 50,
-                min_len: int = 0) -> SearchOutput:
+                min_len: int = 0, sync_every: int | None = None) -> SearchOutput:
     """Beam search (Section 6.1: beam 4, alpha 0.6) over all sentences and beams at once.
     src (batch, src_len) long, padded with pad -> SearchOutput with `nbest` (<= beam_size) hypotheses each.
 
@@ -206,7 +223,8 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
     favourable length L it may still reach: s / max(lp(t + 2), lp(limit)) after step t (tensor2tensor's
     bound). Stopping then never changes the result, unlike fairseq's "K finished" rule, which can miss a
     longer hypothesis that the length penalty would have preferred. A done sentence leaves the batch
-    (`state.select`), so late steps run on fewer rows; the search ends when every sentence is done.
+    (`state.select`) at the next host read, so late steps run on fewer rows; until then it adds no finished
+    hypothesis. The search ends when every sentence is done.
     """
     if not 1 <= nbest <= beam_size:
         raise ValueError(f"need 1 <= nbest <= beam_size, got nbest={nbest}, beam_size={beam_size}")
@@ -230,14 +248,16 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
     live_scores = torch.full((B, K), -torch.inf, device=device)  # (n, K) summed log-probs
     live_scores[:, 0] = 0.0
     prev = torch.full((B * K,), bos, dtype=torch.long, device=device)  # (n*K,)
+    period = _sync_period(device, sync_every)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)  # (n,) done at an earlier step, not yet pruned
     for t in range(steps):
         n = sent.numel()
         row_limit = limit[sent]  # (n,)
         logits = model.decode_step(prev, state)  # (n*K, V)
         V = logits.size(-1)
-        lprobs = _constrain(F.log_softmax(logits.float(), dim=-1), t + 1, row_limit.repeat_interleave(K),
-                            eos=eos, pad=pad, min_len=min_len)
-        cand = (live_scores.unsqueeze(2) + lprobs.view(n, K, V)).view(n, K * V)
+        lprobs = _constrain_(F.log_softmax(logits.float(), dim=-1), t + 1, row_limit.repeat_interleave(K),
+                             eos=eos, pad=pad, min_len=min_len)
+        cand = lprobs.view(n, K, V).add_(live_scores.unsqueeze(2)).view(n, K * V)  # in place, as above
         cand_scores, cand_index = cand.topk(min(2 * K, K * V), dim=1)  # (n, C), best first
         C = cand_scores.size(1)
         cand_token = cand_index % V
@@ -245,14 +265,17 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
         hist = torch.cat([live_tokens[cand_rows.flatten()].view(n, C, t), cand_token.unsqueeze(2)], dim=2)
 
         # Finish: EOS among the top K candidates, merged into the sentence's finished list.
-        finishing = (cand_token[:, :K].eq(eos) & cand_scores[:, :K].isfinite())  # (n, K)
+        finishing = cand_token[:, :K].eq(eos) & cand_scores[:, :K].isfinite() & ~ended.unsqueeze(1)  # (n, K)
         new_scores = (cand_scores[:, :K] / lp[t + 1]).masked_fill(~finishing, -torch.inf)
         merged_scores = torch.cat([fin_scores[sent], new_scores], dim=1)  # (n, 2K)
         # Finished hypotheses so far have at most t tokens, so the first t + 1 columns hold all of them.
         merged_tokens = torch.cat([fin_tokens[sent, :, :t + 1],
                                    hist[:, :K].masked_fill(~finishing.unsqueeze(2), pad)], dim=1)
         merged_lengths = torch.cat([fin_lengths[sent], finishing.long() * (t + 1)], dim=1)
-        top_scores, top = merged_scores.topk(K, dim=1)  # (n, K), best first
+        top = merged_scores.topk(K, dim=1).indices  # (n, K), best first
+        # A sentence already done keeps its list exactly (topk may swap equal scores).
+        top = torch.where(ended.unsqueeze(1), torch.arange(K, device=device), top)
+        top_scores = merged_scores.gather(1, top)
         fin_scores[sent] = top_scores
         fin_tokens[sent, :, :t + 1] = merged_tokens.gather(1, top.unsqueeze(2).expand(-1, -1, t + 1))
         fin_lengths[sent] = merged_lengths.gather(1, top)
@@ -266,16 +289,17 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
         # Done: the best any live hypothesis can still reach is no better than the K-th finished one.
         # At the limit every live score is -inf (only EOS was allowed), so every sentence is done by then.
         bound = live_scores.max(1).values / torch.maximum(lp[t + 2], lp_limit[sent])  # (n,)
-        done = bound <= top_scores[:, -1]
-        n_done = int(done.sum())  # the step's one host read
-        if n_done == n:
-            break
+        ended = ended | (bound <= top_scores[:, -1])
         keep = None  # every sentence stays: the state reorders beams within sentences, memory untouched
-        if n_done:
-            keep = _rows_where(~done, n - n_done)  # (n',)
-            keep_rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).flatten()  # (n'*K,)
-            sent, live_scores = sent[keep], live_scores[keep]
-            rows, prev, live_tokens = rows[keep_rows], prev[keep_rows], live_tokens[keep_rows]
+        if (t + 1) % period == 0:
+            n_done = int(ended.sum())  # the host read
+            if n_done == n:
+                break
+            if n_done:
+                keep = _rows_where(~ended, n - n_done)  # (n',)
+                keep_rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).flatten()  # (n'*K,)
+                sent, live_scores, ended = sent[keep], live_scores[keep], ended[keep]
+                rows, prev, live_tokens = rows[keep_rows], prev[keep_rows], live_tokens[keep_rows]
         state = state.select(rows, keep)
 
     lengths = fin_lengths[:, :nbest]

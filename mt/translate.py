@@ -48,7 +48,9 @@ def load_translator(checkpoint: str | Path, overrides: Iterable[str] = (), searc
     cfg = from_dict(Config, raw, f"{checkpoint} (with overrides)")
     validate(cfg, f"{checkpoint} (with overrides)")
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Translator(model.to(dev), vocab, cfg.decode, dev)
+    # Search reads log-probs in float32 whatever the weights are (search.py calls .float() on the logits).
+    dtype = torch.bfloat16 if cfg.decode.precision == "bf16" else torch.float32
+    return Translator(model.to(dev, dtype), vocab, cfg.decode, dev)
 
 
 def search(model: Transformer, src: torch.Tensor, dc: DecodeConfig) -> SearchOutput:

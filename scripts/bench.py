@@ -5,11 +5,13 @@
     python scripts/bench.py --size base        # the paper's base size (slow on a CPU)
 
 For each system it times (median of --reps repetitions, the two systems alternating within a repetition):
-  * a training step (forward, label-smoothed loss, backward, Adam) on the same Multi30k token batches, fp32
+  * a training step (forward, label-smoothed loss, backward, Adam) on the same Multi30k token batches, each
+    system with its own label smoothing (mt's loss; HF's Trainer's LabelSmoother), fp32
     and bf16 autocast: target tokens/s, and mt's model FLOPs utilisation against a matmul peak measured in
     this run;
   * beam-4 decoding of the same 500 test_2016_flickr sentences with the output length fixed (end of
-    sentence suppressed for both, so both do the same work): sentences/s;
+    sentence suppressed for both, so both do the same work), with fp32 weights and with both models cast to
+    bf16: sentences/s;
   * peak memory: each measurement again in a fresh process, peak RSS above the RSS after set-up (Linux).
 Prints a table with the ratio mt / HF.
 """
@@ -17,6 +19,7 @@ Prints a table with the ratio mt / HF.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -86,20 +89,30 @@ def logits_fn(system: str, model):
 # Measurements
 
 
-def train_run(system: str, model, batches, precision: str) -> float:
-    """Seconds for one pass of training steps over `batches` (same loss code for both systems)."""
-    from mt.train import label_smoothed_loss
+def loss_fn(system: str):
+    """Each system's own label-smoothed cross-entropy (epsilon 0.1), as its users train with it: mt's
+    `label_smoothed_loss`, and the `LabelSmoother` of HF's (Seq2Seq)Trainer. (logits (B, T, V), batch) -> loss."""
+    if system == "mt":
+        from mt.train import label_smoothed_loss
 
+        return lambda logits, b: label_smoothed_loss(logits.flatten(0, 1), b.tgt_out.flatten(), 0.1)[0] / b.n_tgt_tokens
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    smoother = LabelSmoother(epsilon=0.1)
+    return lambda logits, b: smoother({"logits": logits}, b.tgt_out.masked_fill(b.tgt_out.eq(0), -100))
+
+
+def train_run(system: str, model, batches, precision: str) -> float:
+    """Seconds for one pass of training steps over `batches`, each system with its own loss."""
     model.train()
-    forward = logits_fn(system, model)
+    forward, loss_of = logits_fn(system, model), loss_fn(system)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
     start = time.perf_counter()
     for b in batches:
-        with ctx:
-            logits = forward(b.src, b.tgt_in)
-        loss, _ = label_smoothed_loss(logits.flatten(0, 1), b.tgt_out.flatten(), 0.1)
-        (loss / b.n_tgt_tokens).backward()
+        with ctx:  # the loss too, as HF's Trainer computes it under autocast
+            loss = loss_of(forward(b.src, b.tgt_in), b)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return time.perf_counter() - start
@@ -217,14 +230,17 @@ def main() -> int:
             rows.append((f"train tokens/s {precision}", n_tokens / med["mt"], n_tokens / med["hf"],
                          f"mt MFU {100 * mfu:.1f}% of {peak / 1e9:.0f} GFLOP/s matmul"))
     if "decode" not in args.skip:
-        times = {name: [] for name in models}
-        for name in models:
-            decode_run(name, models[name], vocab, lines[:args.decode_batch], 3, args.decode_batch)
-        for _ in range(max(1, args.reps // 2)):
+        for precision in ("fp32", "bf16"):  # bf16: both models' weights cast, as `mt translate --precision bf16`
+            cast = {name: copy.deepcopy(m).to(torch.bfloat16) if precision == "bf16" else m
+                    for name, m in models.items()}
+            times = {name: [] for name in models}
             for name in models:
-                times[name].append(decode_run(name, models[name], vocab, lines, args.out_len, args.decode_batch))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append(("beam-4 sentences/s", len(lines) / med["mt"], len(lines) / med["hf"], ""))
+                decode_run(name, cast[name], vocab, lines[:args.decode_batch], 3, args.decode_batch)
+            for _ in range(max(1, args.reps // 2)):
+                for name in models:
+                    times[name].append(decode_run(name, cast[name], vocab, lines, args.out_len, args.decode_batch))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append((f"beam-4 sentences/s {precision}", len(lines) / med["mt"], len(lines) / med["hf"], ""))
     if "memory" not in args.skip:
         for probe in ("train", "decode"):
             peak = {}

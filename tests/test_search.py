@@ -263,6 +263,28 @@ def test_finished_sentences_leave_the_batch(search):
     assert stub.rows_per_step[0] == 2 * K and stub.rows_per_step[-1] == K
 
 
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_reading_the_host_every_few_steps_prunes_later_and_changes_nothing_else(search):
+    stub = StubModel(lambda s, prefix: (EOS_FIRST if s == 0 else NEVER_EOS)(s, prefix))
+    kw = dict(**IDS, max_len_a=0.0, max_len_b=8)
+    K = 1 if search == "greedy" else 3
+    outs, rows = [], []
+    for every in (1, 3):
+        out = greedy_search(stub, src_of([2, 2]), **kw, sync_every=every) if search == "greedy" else \
+            beam_search(stub, src_of([2, 2]), **kw, beam_size=K, nbest=K, length_penalty=0.6, sync_every=every)
+        outs.append(out)
+        rows.append(stub.rows_per_step)
+    for a, b in zip(outs[0].__dict__.values(), outs[1].__dict__.values()):
+        assert torch.equal(a, b)
+    # Sentence 0 is done after one step (greedy) or two (beam); with a read every 3 steps it stays in the
+    # batch until step 3.
+    first = 1 if search == "greedy" else 2
+    assert rows[0] == [2 * K] * first + [K] * (8 - first)
+    assert rows[1] == [2 * K] * 3 + [K] * 5
+    with pytest.raises(ValueError, match="sync_every"):
+        greedy_search(stub, src_of([2]), **kw, sync_every=0)
+
+
 @pytest.mark.parametrize("search", ["greedy", "beam", "sample"])
 def test_rows_without_eos_are_forced_to_end_at_their_own_limit(search):
     stub = StubModel(NEVER_EOS)
@@ -391,6 +413,17 @@ def test_beam_size_1_equals_greedy_on_the_real_model(model, device):
         assert {out.tokens.device.type, out.scores.device.type, out.lengths.device.type} == {device}
     assert torch.equal(greedy.tokens, beam.tokens) and torch.equal(greedy.lengths, beam.lengths)
     torch.testing.assert_close(greedy.scores, beam.scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_reading_the_host_every_few_steps_gives_the_same_output_on_the_real_model(model, search):
+    src = sources()
+    kw = dict(**IDS, max_len_b=6)
+    run = (lambda e: greedy_search(model, src, **kw, sync_every=e)) if search == "greedy" else \
+        (lambda e: beam_search(model, src, **kw, beam_size=3, nbest=3, sync_every=e))
+    every_step, every_4 = run(1), run(4)
+    assert torch.equal(every_step.tokens, every_4.tokens) and torch.equal(every_step.lengths, every_4.lengths)
+    torch.testing.assert_close(every_step.scores, every_4.scores)
 
 
 @pytest.mark.parametrize("search", ["greedy", "beam"])

@@ -52,6 +52,19 @@ def test_stdin_is_streamed_in_chunks_with_the_same_result(tiny_checkpoint, tmp_p
     assert whole.stdout.count(b"\n") == 10
 
 
+def test_bf16_search_runs_in_bf16_and_mostly_agrees_with_fp32(tiny_checkpoint):
+    import torch
+
+    lines = (MULTI30K / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:40]
+    fp32 = load_translator(tiny_checkpoint, device="cpu")
+    bf16 = load_translator(tiny_checkpoint, search_overrides=["decode.precision=bf16"], device="cpu")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    a, b = translate_lines(fp32, lines), translate_lines(bf16, lines)
+    assert len(b) == len(lines) and all(b)
+    assert sum(x == y for x, y in zip(a, b)) >= len(lines) // 2, list(zip(a, b))
+
+
 def test_nbest_lists_give_n_scored_hypotheses_per_line(tiny_checkpoint, tmp_path):
     src = tmp_path / "in.de"
     src.write_text("Ein Hund läuft.\nZwei Männer.\n", encoding="utf-8")

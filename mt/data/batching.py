@@ -30,9 +30,15 @@ class Batch:
         return int(self.indices.size and (self.tgt_out != PAD).sum())
 
     def to(self, device: torch.device) -> "Batch":
-        nb = device.type == "cuda"
-        return Batch(self.src.to(device, non_blocking=nb), self.tgt_in.to(device, non_blocking=nb),
-                     self.tgt_out.to(device, non_blocking=nb), self.indices)
+        if device.type != "cuda":
+            return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.indices)
+
+        # From pinned memory a host-to-device copy is asynchronous; from pageable memory it can make the host
+        # wait for the device, a synchronisation per training step.
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True)
+
+        return Batch(move(self.src), move(self.tgt_in), move(self.tgt_out), self.indices)
 
 
 def make_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, seed: int, epoch: int,
