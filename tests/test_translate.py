@@ -52,17 +52,24 @@ def test_stdin_is_streamed_in_chunks_with_the_same_result(tiny_checkpoint, tmp_p
     assert whole.stdout.count(b"\n") == 10
 
 
-def test_bf16_search_runs_in_bf16_and_mostly_agrees_with_fp32(tiny_checkpoint):
+def test_bf16_search_runs_in_bf16_and_agrees_with_fp32(tiny_checkpoint):
     import torch
+
+    from mt.translate import search
 
     lines = (MULTI30K / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:40]
     fp32 = load_translator(tiny_checkpoint, device="cpu")
     bf16 = load_translator(tiny_checkpoint, search_overrides=["decode.precision=bf16"], device="cpu")
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
-    a, b = translate_lines(fp32, lines), translate_lines(bf16, lines)
-    assert len(b) == len(lines) and all(b)
-    assert sum(x == y for x, y in zip(a, b)) >= len(lines) // 2, list(zip(a, b))
+    ids = [x + [3] for x in fp32.vocab.src.encode(lines)]  # + EOS
+    src = torch.tensor([x + [0] * (max(map(len, ids)) - len(x)) for x in ids])
+    a, b = search(fp32.model, src, fp32.decode), search(bf16.model, src, bf16.decode)
+    same = [i for i in range(len(lines)) if torch.equal(a.tokens[i, 0], b.tokens[i, 0])]
+    assert len(same) >= 0.75 * len(lines)  # an undertrained model has near-ties that bf16 can flip
+    # The same hypothesis gets nearly the same log-probability: bf16 weights, float32 log-softmax.
+    torch.testing.assert_close(b.scores[same], a.scores[same], rtol=0.01, atol=0.05)
+    assert not torch.equal(b.scores[same], a.scores[same])  # and it was computed differently
 
 
 def test_nbest_lists_give_n_scored_hypotheses_per_line(tiny_checkpoint, tmp_path):
