@@ -62,37 +62,58 @@ def learning_rate(step: int, cfg: TrainConfig, d_model: int, done: float = 0.0) 
     return peak * min(step ** -0.5, step * warmup ** -1.5) * warmup ** 0.5
 
 
-class _LabelSmoothedLoss(torch.autograd.Function):
-    """The loss and the NLL of `label_smoothed_loss` with a hand-written backward pass.
+# Rows of logits per chunk of the loss: a float32 chunk of at most ~16 MB, which the allocator reuses from
+# step to step, where a whole (n, vocab) float32 tensor (64 MB for 2k tokens x 8k types) is mapped and
+# page-faulted afresh each time.
+LOSS_CHUNK_ELEMENTS = 1 << 22
 
-    The gradient with respect to the logits is softmax - (smoothed target), row by row, which this computes
-    in place from the saved log-probs: autograd's version of the same loss makes five full-size (n, vocab)
-    temporaries (mean, gather and log-softmax backward, their sum, the pad mask), the largest tensors of a
-    training step and about 10% of its time on a CPU.
+
+class _LabelSmoothedLoss(torch.autograd.Function):
+    """The loss and the NLL of `label_smoothed_loss`, computed chunk by chunk with a hand-written backward.
+
+    Per row, with lse = logsumexp(logits): nll = lse - logit[target] and the uniform part
+    -mean(log-probs) = lse - mean(logits). The gradient with respect to the logits is
+    softmax - (smoothed target), recomputed in the backward pass from the saved logits and lse. Autograd's
+    version of the same loss keeps a float32 copy of the log-probs and makes five more full-size (n, vocab)
+    temporaries, the largest tensors of a training step and ~10-20% of its time on a CPU.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, epsilon: float, pad: int):
-        lprobs = F.log_softmax(logits.float(), dim=-1)  # (n, V)
-        keep = target.ne(pad)  # (n,)
-        nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(~keep, 0.0).sum()
-        uniform = -lprobs.sum(-1).masked_fill(~keep, 0.0).sum() / lprobs.size(-1)
-        ctx.save_for_backward(lprobs, target, keep)
-        ctx.epsilon, ctx.logits_dtype = epsilon, logits.dtype
+        n, V = logits.shape
+        rows = max(1, LOSS_CHUNK_ELEMENTS // V)
+        lse = torch.empty(n, device=logits.device)
+        nll_rows = torch.empty(n, device=logits.device)
+        uniform_rows = torch.empty(n, device=logits.device)
+        for i in range(0, n, rows):
+            x = logits[i:i + rows].float()  # (rows, V)
+            lse[i:i + rows] = torch.logsumexp(x, dim=-1)
+            nll_rows[i:i + rows] = lse[i:i + rows] - x.gather(-1, target[i:i + rows].unsqueeze(-1)).squeeze(-1)
+            uniform_rows[i:i + rows] = lse[i:i + rows] - x.mean(dim=-1)
+        keep = target.ne(pad)
+        nll = nll_rows.masked_fill(~keep, 0.0).sum()
+        uniform = uniform_rows.masked_fill(~keep, 0.0).sum()
+        ctx.save_for_backward(logits, target, keep, lse)
+        ctx.epsilon = epsilon
         return (1.0 - epsilon) * nll + epsilon * uniform, nll
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, grad_nll: torch.Tensor):
-        lprobs, target, keep = ctx.saved_tensors
-        eps, V = ctx.epsilon, lprobs.size(-1)
+        logits, target, keep, lse = ctx.saved_tensors
+        eps = ctx.epsilon
+        n, V = logits.shape
+        rows = max(1, LOSS_CHUNK_ELEMENTS // V)
         # d loss / d logits = softmax - (1 - eps) onehot - eps / V;  d nll / d logits = softmax - onehot.
-        # Computed in the saved log-probs' memory: a fresh (n, V) buffer costs more in page faults than the
-        # arithmetic (so this backward runs once per forward, as a training step does).
-        grad = lprobs.exp_().mul_(grad_loss + grad_nll).sub_(grad_loss * (eps / V))
+        scale, shift = grad_loss + grad_nll, grad_loss * (eps / V)
         on_target = -((1.0 - eps) * grad_loss + grad_nll)
-        grad.scatter_add_(-1, target.unsqueeze(-1), on_target.expand(target.size(0), 1).to(grad.dtype))
-        grad.masked_fill_(~keep.unsqueeze(-1), 0.0)
-        return grad.to(ctx.logits_dtype), None, None, None
+        grad = torch.empty_like(logits)
+        for i in range(0, n, rows):
+            g = logits[i:i + rows].float() - lse[i:i + rows, None]  # a new float32 chunk
+            g.exp_().mul_(scale).sub_(shift)
+            g.scatter_add_(-1, target[i:i + rows, None], on_target.expand(g.size(0), 1).to(g.dtype))
+            g.masked_fill_(~keep[i:i + rows, None], 0.0)
+            grad[i:i + rows] = g
+        return grad, None, None, None
 
 
 def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float,

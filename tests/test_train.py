@@ -41,6 +41,29 @@ def test_label_smoothed_loss_equals_torch_cross_entropy_with_label_smoothing():
     torch.testing.assert_close(nll, F.cross_entropy(logits, target, ignore_index=0, reduction="sum"))
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 3 * 11])  # one chunk, or chunks of 3 rows with a ragged last one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_smoothed_loss_gradients_equal_autograds_in_any_chunking(monkeypatch, chunk, dtype):
+    import mt.train
+
+    monkeypatch.setattr(mt.train, "LOSS_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(40, 11)).to(dtype).requires_grad_()
+    target = torch.randint(0, 11, (40,))
+    target[::6] = 0  # padding
+    loss, nll = label_smoothed_loss(logits, target, 0.1, pad=0)
+    (2.0 * loss + 0.5 * nll).backward()  # both outputs carry gradient
+    ours, logits.grad = logits.grad, None
+    ref_loss = F.cross_entropy(logits.float(), target, label_smoothing=0.1, ignore_index=0, reduction="sum")
+    ref_nll = F.cross_entropy(logits.float(), target, ignore_index=0, reduction="sum")
+    (2.0 * ref_loss + 0.5 * ref_nll).backward()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(nll, ref_nll)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, logits.grad)
+    assert ours[::6].abs().max() == 0  # padding rows get no gradient
+
+
 def test_schedule_follows_equation_3_of_the_paper():
     cfg = TrainConfig(warmup_steps=4000)
     d = 512
@@ -100,7 +123,7 @@ def test_tiny_model_overfits_50_pairs(tmp_path):
     assert train_losses[0] > 4.0 and train_losses[-1] < 0.2, train_losses
     # Memorised: greedy decoding of the training sources reproduces the references.
     assert result.last_valid["valid_bleu"] > 90, result.last_valid
-    assert result.last_valid["valid_ppl"] < 1.3
+    assert result.last_valid["valid_ppl"] < 1.4
 
 
 def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_wall_time_budget(tmp_path):
