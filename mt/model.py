@@ -75,6 +75,10 @@ def train_flops_per_token(cfg: ModelConfig, tgt_vocab_size: int, src_len: int, t
     return 3 * 2 * (encoder + decoder + output) / T
 
 
+# --------------------------------------------------------------------------------------------------------
+# Section 5.4: dropout
+
+
 class Dropout(nn.Module):
     """nn.Dropout (Section 5.4: zero each element with probability p, scale the rest by 1 / (1 - p)), with a
     faster mask on the CPU.
