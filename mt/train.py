@@ -52,7 +52,7 @@ def learning_rate(step: int, cfg: TrainConfig, d_model: int, done: float = 0.0) 
     `linear`: peak * min(step / warmup_steps, 1 - done), a linear warmup, then a straight line to zero at the
     end of the run. `done` in [0, 1] is the fraction of the run's budget spent, the larger of steps / max_steps
     and elapsed / max_time_minutes. A run cut short by a wall-time budget then ends annealed instead of at a
-    high learning rate (Li et al., 2020, "Budget-aware training"), and its last checkpoints are worth
+    high learning rate (Li et al., 2020, "Budgeted training"), and its last checkpoints are worth
     averaging. The peak is that of the inverse-sqrt curve (peak_lr, or lr_scale * (d_model * warmup_steps)^-0.5).
     """
     step, warmup = max(step, 1), cfg.warmup_steps
