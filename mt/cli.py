@@ -7,7 +7,6 @@ status 2. A traceback is shown only with `--debug`. Results go to stdout, logs a
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import sys
 from pathlib import Path
@@ -101,29 +100,8 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
-def keep_freed_memory() -> None:
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
-
-    By default a freed block of a few MB (a batch's activations, a search step's log-probs) is returned to
-    the kernel and the next one of the same size is faulted in again, page by page: measured 8-15% of CPU
-    training and decoding time here. Blocks up to 32 MB now come from the heap, and up to 1 GiB of free heap
-    is kept. No effect (and no error) where the C library is not glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -205,10 +205,7 @@ def apply_override(raw: dict, item: str) -> None:
     for depth, k in enumerate(keys):
         names = [f.name for f in dataclasses.fields(cls)]
         if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
-            where = ".".join(keys[:depth])
-            hint = f" (did you mean '{where + '.' if where else ''}{close[0]}'?)" if close else ""
-            raise MTError(f"--set {item}: unknown key '{'.'.join(keys[:depth + 1])}'{hint}")
+            raise MTError(f"--set {item}: {_unknown_key(k, names, ''.join(s + '.' for s in keys[:depth]))}")
         cls = typing.get_type_hints(cls)[k]
         if depth < len(keys) - 1 and not dataclasses.is_dataclass(cls):
             raise MTError(f"--set {item}: {k} is not a section")
@@ -234,11 +231,16 @@ def from_dict(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(names)})"
-            raise MTError(f"{where}: unknown key '{prefix}{key}'{hint}")
+            raise MTError(f"{where}: {_unknown_key(str(key), names, prefix)}")
         kwargs[key] = _convert(hints[key], value, where, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _unknown_key(key: str, names: list[str], prefix: str) -> str:
+    """The message for `key`, not among `names` (the fields of the section `prefix`), with the closest one."""
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid keys: {', '.join(names)})"
+    return f"unknown key '{prefix}{key}'{hint}"
 
 
 def _convert(tp: Any, value: Any, where: str, key: str) -> Any:

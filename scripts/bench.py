@@ -187,9 +187,6 @@ def _status_kib(field: str) -> int:
 
 
 def main() -> int:
-    from mt.cli import keep_freed_memory
-
-    keep_freed_memory()  # as the mt command does; process-wide, so both systems run with it
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--reps", type=int, default=5)
