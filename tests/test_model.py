@@ -294,6 +294,49 @@ def test_dropout_acts_in_training_only():
         assert not torch.allclose(one(src, tgt), clean(src, tgt)), kind
 
 
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_cpu_dropout_mask_drops_a_fraction_p_and_keeps_the_expectation(p):
+    torch.manual_seed(0)
+    x = torch.ones(1_000_003, requires_grad=True)  # not a multiple of the four masks a 64-bit draw makes
+    drop = mt.model.Dropout(p).train()
+    y = drop(x)
+    zeros = (y == 0).float().mean().item()
+    assert abs(zeros - p) < 5 * math.sqrt(p * (1 - p) / x.numel())  # five standard errors
+    kept = y[y != 0]
+    assert_close(kept, torch.full_like(kept, 1 / (1 - p)), atol=1e-4, rtol=1e-4)
+    assert abs(y.mean().item() - 1.0) < 0.005
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the kept elements, with their scale
+    for rows in range(4):  # the four 16-bit lanes of a draw are independent of each other
+        lane = (y.detach()[:1_000_000].view(-1, 4)[:, rows] == 0).float().mean().item()
+        assert abs(lane - p) < 5 * math.sqrt(p * (1 - p) / 250_000)
+    assert not torch.equal(drop(x), drop(x))
+    assert torch.equal(drop.eval()(x), x)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_bf16_cpu_training_attention_equals_sdpa_in_float32(cross):
+    torch.manual_seed(0)
+    attn = mt.model.MultiHeadAttention(D, H, attention_dropout=0.0, cross=cross)
+    x, memory = torch.randn(3, 6, D), torch.randn(3, 7, D)
+    mask = padding_mask(torch.tensor([[False] * 7, [False] * 4 + [True] * 3, [False] * 6 + [True]]))
+    args = (memory, mask) if cross else (None, None, True)
+    ref = attn(x, *args)  # float32: scaled_dot_product_attention
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in attn.parameters()]
+    attn.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x, *args)  # bf16 with grad enabled on the CPU: the spelled-out Equation 1
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert_close(out.float(), ref, atol=0.03, rtol=0.03)
+    for p, g in zip(attn.parameters(), ref_grads):
+        assert_close(p.grad, g, atol=0.05 * g.abs().max().item(), rtol=0.05)
+    attn.attention_dropout = 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not torch.equal(attn(x, *args), attn(x, *args))
+
+
 # ---- 6: activation checkpointing
 
 
