@@ -474,6 +474,9 @@ class Trainer:
                 record["ppl"] = math.exp(min(record["nll"], 50.0))
                 bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.1f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
+                if bar.disable and self.main:  # no terminal (a log file, a batch job): a line per log step instead
+                    log.info("step %d: loss %.3f, ppl %.1f, lr %.2e, %.0f tokens/s", p.step, record["loss"],
+                             record["ppl"], record["lr"], record["tokens_per_s"])
                 self.log_metrics(record)
                 log_loss.zero_()
                 log_nll.zero_()

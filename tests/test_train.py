@@ -126,17 +126,22 @@ def test_tiny_model_overfits_50_pairs(tmp_path):
     assert result.last_valid["valid_ppl"] < 1.4
 
 
-def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_wall_time_budget(tmp_path):
+def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_wall_time_budget(tmp_path, caplog):
     corpus = _write_corpus(tmp_path / "pairs", n=40)
     cfg = _tiny_config(tmp_path, corpus, "train.lr_schedule=linear", "train.max_steps=20", "train.warmup_steps=4",
                        "train.log_every=1", "train.valid_bleu=false", "train.average_last=0",
                        "data.max_tokens=256")
     trainer = Trainer(cfg, prepare_data(cfg.data, cfg.run_dir))
-    trainer.fit()
+    with caplog.at_level("INFO", logger="mt.train"):
+        trainer.fit()
     lrs = [r["lr"] for r in map(json.loads, (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines())
            if "lr" in r]
     expected = [1e-3 * min(s / 4, 1 - (s - 1) / 20) for s in range(1, 21)]
     assert lrs == pytest.approx(expected)  # the last step still learns: 1/20 of the peak
+    # No terminal under pytest, so no progress bar: each log step is a line of the log instead.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().endswith("tokens/s")]
+    assert [line.split(":")[0] for line in lines] == [f"step {s}" for s in range(1, 21)]
+    assert f"lr {expected[-1]:.2e}," in lines[-1]
     # A wall-time budget half spent halves the rate, whatever the step count says.
     batch = next(trainer.micro_batches())[0]
     trainer.progress.step, trainer.time_done = 5, 0.5
