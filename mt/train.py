@@ -76,8 +76,9 @@ class _LabelSmoothedLoss(torch.autograd.Function):
     gradient with respect to the logits is softmax - (smoothed target), recomputed in the backward pass from
     the saved logits. Autograd's version of the same loss keeps a float32 copy of the log-probs and makes five
     more full-size (n, vocab) temporaries, the largest tensors of a training step and ~10-20% of its time on a
-    CPU. Each chunk goes through PyTorch's fused (log-)softmax kernels, measured 2x faster on a CPU than
-    `logsumexp` followed by `exp`, whose steps each make a pass over the chunk.
+    CPU. Each chunk goes through PyTorch's fused (log-)softmax kernels: forward and backward measured
+    1.3-1.5x faster on a CPU (2k x 8k logits, fp32 and bf16) than with `logsumexp` and `exp`, whose steps
+    each make a pass over the chunk.
     """
 
     @staticmethod
