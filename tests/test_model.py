@@ -332,9 +332,11 @@ def test_bf16_cpu_training_attention_equals_sdpa_in_float32(cross):
     assert_close(out.float(), ref, atol=0.03, rtol=0.03)
     for p, g in zip(attn.parameters(), ref_grads):
         assert_close(p.grad, g, atol=0.05 * g.abs().max().item(), rtol=0.05)
-    attn.attention_dropout = 0.3
+    dropping = mt.model.MultiHeadAttention(D, H, attention_dropout=0.3, cross=cross)
+    dropping.load_state_dict(attn.state_dict())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not torch.equal(attn(x, *args), attn(x, *args))
+        assert not torch.equal(dropping(x, *args), dropping(x, *args))  # the probabilities are dropped
+        assert torch.equal(dropping.eval()(x, *args), out)
 
 
 # ---- 6: activation checkpointing
