@@ -153,7 +153,8 @@ class Embeddings(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Section 3.2.2, computed by `scaled_dot_product_attention` (Equation 1 with the 1/sqrt(d_k) scale).
+    """Section 3.2.2: Equation 1 with the 1/sqrt(d_k) scale, computed by `scaled_dot_product_attention`, or
+    for bf16 training on a CPU by `_attend_bf16_cpu`, which keeps its semantics.
 
     Self-attention projects queries, keys and values with one fused matrix (one matrix product instead of
     three). Cross-attention projects the queries alone and the memory's keys and values with a second fused
@@ -213,14 +214,15 @@ class MultiHeadAttention(nn.Module):
         kernel was up to 1.3x faster.
         """
         scores = torch.matmul(q, k.transpose(-2, -1)).float().mul_(self.d_head ** -0.5)  # (B, H, Lq, Lk)
-        if causal:
+        if causal:  # aligned at the top left, as `is_causal`: query i sees keys 0..i
             lq, lk = scores.shape[-2:]
-            scores.masked_fill_(torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(lk - lq + 1),
-                                float("-inf"))
+            scores.masked_fill_(torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
         if mask is not None:
             scores.masked_fill_(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(q.dtype)
-        return torch.matmul(self.probs_dropout(probs), v)
+        probs = scores.softmax(dim=-1)
+        if mask is not None:  # a query that may see no key attends to nothing (zeros, as SDPA), not NaN
+            probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)  # softmax's backward needs its output
+        return torch.matmul(self.probs_dropout(probs.to(q.dtype)), v)
 
     def attend_grouped(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor, group: int) -> Tensor:
         """Cross-attention of one target position for rows in groups of `group` consecutive rows that share a

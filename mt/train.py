@@ -62,11 +62,19 @@ def learning_rate(step: int, cfg: TrainConfig, d_model: int, done: float = 0.0) 
     return peak * min(step ** -0.5, step * warmup ** -1.5) * warmup ** 0.5
 
 
-# Rows of logits per chunk of the loss: a float32 chunk of at most 4 MB. glibc's malloc serves blocks of this
+# Logits per chunk of the loss on a CPU: a float32 chunk of at most 4 MB. glibc's malloc serves blocks of this
 # size from memory the process already holds, where a whole (n, vocab) float32 tensor (64 MB for 2k tokens x
 # 8k types) or 16 MB chunks are mapped and page-faulted afresh at each step: measured ~5% faster than 16 MB
-# chunks in a bf16 CPU training step, with a third of its page faults.
+# chunks in a bf16 CPU training step, with a third of its page faults. A GPU has a caching allocator, but
+# pays a few kernel launches per chunk: there chunks are 64x larger (256 MB; 12 for 25k tokens x 32k types).
 LOSS_CHUNK_ELEMENTS = 1 << 20
+GPU_LOSS_CHUNK_ELEMENTS = 1 << 26
+
+
+def _loss_chunk_rows(logits: torch.Tensor) -> int:
+    """Rows of the (n, vocab) logits per chunk of the loss, on their device."""
+    elements = LOSS_CHUNK_ELEMENTS if logits.device.type == "cpu" else GPU_LOSS_CHUNK_ELEMENTS
+    return max(1, elements // logits.size(-1))
 
 
 class _LabelSmoothedLoss(torch.autograd.Function):
@@ -84,7 +92,7 @@ class _LabelSmoothedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, epsilon: float, pad: int):
         n, V = logits.shape
-        rows = max(1, LOSS_CHUNK_ELEMENTS // V)
+        rows = _loss_chunk_rows(logits)
         nll_rows = torch.empty(n, device=logits.device)
         uniform_rows = torch.empty(n, device=logits.device)
         for i in range(0, n, rows):
@@ -103,7 +111,7 @@ class _LabelSmoothedLoss(torch.autograd.Function):
         logits, target, keep = ctx.saved_tensors
         eps = ctx.epsilon
         n, V = logits.shape
-        rows = max(1, LOSS_CHUNK_ELEMENTS // V)
+        rows = _loss_chunk_rows(logits)
         # d loss / d logits = softmax - (1 - eps) onehot - eps / V;  d nll / d logits = softmax - onehot.
         # Per-row factors, zero on padding rows, so that those get no gradient without a pass of their own.
         k = keep.float()[:, None]  # (n, 1)

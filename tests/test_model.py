@@ -307,7 +307,7 @@ def test_cpu_dropout_mask_drops_a_fraction_p_and_keeps_the_expectation(p):
     assert abs(y.mean().item() - 1.0) < 0.005
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient goes through the kept elements, with their scale
-    for rows in range(4):  # the four 16-bit lanes of a draw are independent of each other
+    for rows in range(4):  # each 16-bit lane of a draw drops at rate p (a sign bit stuck at 0 would bias one)
         lane = (y.detach()[:1_000_000].view(-1, 4)[:, rows] == 0).float().mean().item()
         assert abs(lane - p) < 5 * math.sqrt(p * (1 - p) / 250_000)
     assert not torch.equal(drop(x), drop(x))
@@ -315,7 +315,11 @@ def test_cpu_dropout_mask_drops_a_fraction_p_and_keeps_the_expectation(p):
 
 
 @pytest.mark.parametrize("cross", [False, True])
-def test_bf16_cpu_training_attention_equals_sdpa_in_float32(cross):
+def test_bf16_cpu_training_attention_equals_sdpa_in_float32(cross, monkeypatch):
+    calls = []
+    spelled_out = mt.model.MultiHeadAttention._attend_bf16_cpu
+    monkeypatch.setattr(mt.model.MultiHeadAttention, "_attend_bf16_cpu",
+                        lambda self, *a: calls.append(1) or spelled_out(self, *a))
     torch.manual_seed(0)
     attn = mt.model.MultiHeadAttention(D, H, attention_dropout=0.0, cross=cross)
     x, memory = torch.randn(3, 6, D), torch.randn(3, 7, D)
@@ -328,7 +332,7 @@ def test_bf16_cpu_training_attention_equals_sdpa_in_float32(cross):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attn(x, *args)  # bf16 with grad enabled on the CPU: the spelled-out Equation 1
     out.float().square().sum().backward()
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and calls  # it went through the spelled-out path
     assert_close(out.float(), ref, atol=0.03, rtol=0.03)
     for p, g in zip(attn.parameters(), ref_grads):
         assert_close(p.grad, g, atol=0.05 * g.abs().max().item(), rtol=0.05)
@@ -337,6 +341,20 @@ def test_bf16_cpu_training_attention_equals_sdpa_in_float32(cross):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not torch.equal(dropping(x, *args), dropping(x, *args))  # the probabilities are dropped
         assert torch.equal(dropping.eval()(x, *args), out)
+
+
+def test_bf16_cpu_attention_keeps_sdpas_causal_alignment_and_zeros_for_rows_that_see_nothing():
+    torch.manual_seed(0)
+    attn = mt.model.MultiHeadAttention(D, H, attention_dropout=0.0)
+    q, k, v = torch.randn(2, H, 3, D // H), torch.randn(2, H, 5, D // H), torch.randn(2, H, 5, D // H)
+    mask = torch.tensor([True] * 5 + [False] * 5).view(2, 1, 1, 5)  # the second row may see no key
+    for kw in (dict(causal=True), dict(mask=mask)):  # 3 queries, 5 keys: is_causal aligns at the top left
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=kw.get("mask"), is_causal=kw.get("causal", False))
+        got = attn._attend_bf16_cpu(q.bfloat16(), k.bfloat16(), v.bfloat16(), kw.get("mask"), kw.get("causal", False))
+        assert not got.isnan().any()
+        assert_close(got.float(), ref, atol=0.03, rtol=0.03)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
 
 
 # ---- 6: activation checkpointing

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,7 +128,9 @@ def test_tiny_model_overfits_50_pairs(tmp_path):
     assert result.last_valid["valid_ppl"] < 1.4
 
 
-def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_wall_time_budget(tmp_path, caplog):
+def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_wall_time_budget(tmp_path, caplog,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, even under `pytest -s`
     corpus = _write_corpus(tmp_path / "pairs", n=40)
     cfg = _tiny_config(tmp_path, corpus, "train.lr_schedule=linear", "train.max_steps=20", "train.warmup_steps=4",
                        "train.log_every=1", "train.valid_bleu=false", "train.average_last=0",
@@ -138,7 +142,7 @@ def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_wall_time
            if "lr" in r]
     expected = [1e-3 * min(s / 4, 1 - (s - 1) / 20) for s in range(1, 21)]
     assert lrs == pytest.approx(expected)  # the last step still learns: 1/20 of the peak
-    # No terminal under pytest, so no progress bar: each log step is a line of the log instead.
+    # No terminal, so no progress bar: each log step is a line of the log instead.
     lines = [r.getMessage() for r in caplog.records if r.getMessage().endswith("tokens/s")]
     assert [line.split(":")[0] for line in lines] == [f"step {s}" for s in range(1, 21)]
     assert f"lr {expected[-1]:.2e}," in lines[-1]
