@@ -257,8 +257,10 @@ class Trainer:
         self.ddp: DistributedDataParallel | None = None
         self.step_model: torch.nn.Module = self.model
         if self.world > 1:
+            # The only buffers are the sinusoid tables, the same on every rank: no broadcast before each forward.
             self.step_model = self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         if self.tc.compile:
             self.step_model = torch.compile(self.step_model)
         self.optimizer = make_optimizer(self.model, self.tc, self.device)
