@@ -164,8 +164,8 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, attention_dropout: float, cross: bool = False):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_model // n_heads
-        self.attention_dropout = attention_dropout
-        self.probs_dropout = Dropout(attention_dropout)  # scaled_dot_product_attention drops inside otherwise
+        # Dropout on the attention probabilities: its p goes to scaled_dot_product_attention, which drops inside.
+        self.probs_dropout = Dropout(attention_dropout)
         self.cross = cross
         if cross:
             self.q_proj = nn.Linear(d_model, d_model)
@@ -200,7 +200,7 @@ class MultiHeadAttention(nn.Module):
         if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
             out = self._attend_bf16_cpu(q, k, v, mask, causal)
         else:
-            p = self.attention_dropout if self.training else 0.0
+            p = self.probs_dropout.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
