@@ -498,7 +498,7 @@ class Trainer:
                 self.time_done = self._from_rank0(p.elapsed / budget)
                 if self.time_done >= 1.0:
                     stop = f"max_time_minutes {tc.max_time_minutes:g}"
-            best = False
+            best, paused = False, time.time()
             if p.step % tc.validate_every == 0 or (stop and self.data.valid is not None):
                 if self.main:
                     last_valid = self.validate()
@@ -510,6 +510,7 @@ class Trainer:
                 best = self._agree(best)
             if p.step % tc.save_every == 0 or best or stop or p.step >= tc.max_steps:
                 self.save(best=best)
+            log_start += time.time() - paused  # tokens/s counts training time, not validation or saving
         bar.close()
         if self._agree(not (self.run_dir / "checkpoint_last.pt").is_file() or _last_step(self.run_dir) != p.step):
             self.save()

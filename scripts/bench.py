@@ -3,6 +3,7 @@
     pip install -e ".[bench]" -c <(echo torch==$(python -c 'import torch; print(torch.__version__)'))
     python scripts/bench.py                    # d_model 256, 3+3 layers (the Multi30k size)
     python scripts/bench.py --size base        # the paper's base size (slow on a CPU)
+    python scripts/bench.py --device cuda --size base --max-tokens 8192   # on a GPU (default: the CPU)
 
 For each system it times (median of --reps repetitions, the two systems alternating within a repetition):
   * a training step (forward, label-smoothed loss, backward, Adam) on the same Multi30k token batches, each
@@ -12,7 +13,8 @@ For each system it times (median of --reps repetitions, the two systems alternat
   * beam-4 decoding of the same 500 test_2016_flickr sentences with the output length fixed (end of
     sentence suppressed for both, so both do the same work), with fp32 weights and with both models cast to
     bf16: sentences/s;
-  * peak memory: each measurement again in a fresh process, peak RSS above the RSS after set-up (Linux).
+  * peak memory: on a CPU each measurement again in a fresh process, peak RSS above the RSS after set-up
+    (Linux); on a GPU the peak of PyTorch's allocator above what was allocated before the measurement.
 Prints a table with the ratio mt / HF.
 """
 
@@ -43,8 +45,8 @@ VOCAB = 8000
 # Shared inputs
 
 
-def prepare(work: Path, max_tokens: int, n_batches: int, n_sentences: int):
-    """Token batches of Multi30k train and the first test sentences, encoded with an 8k joint vocabulary."""
+def prepare(work: Path, max_tokens: int, n_batches: int, n_sentences: int, device: torch.device):
+    """Token batches of Multi30k train (on `device`) and the first test sentences, with an 8k joint vocabulary."""
     from mt.config import DataConfig
     from mt.data import collate, make_batches, prepare_data
 
@@ -52,7 +54,7 @@ def prepare(work: Path, max_tokens: int, n_batches: int, n_sentences: int):
                      max_len=100)
     data = prepare_data(cfg, work)
     order = make_batches(data.train.src_lens, data.train.tgt_lens, max_tokens, seed=1, epoch=0)
-    batches = [collate(data.train, b) for b in order[:n_batches]]
+    batches = [collate(data.train, b).to(device) for b in order[:n_batches]]
     lines = (DATA / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:n_sentences]
     return data.vocab, batches, lines
 
@@ -102,12 +104,20 @@ def loss_fn(system: str):
     return lambda logits, b: smoother({"logits": logits}, b.tgt_out.masked_fill(b.tgt_out.eq(0), -100))
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a host clock read after it times the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_run(system: str, model, batches, precision: str) -> float:
     """Seconds for one pass of training steps over `batches`, each system with its own loss."""
     model.train()
+    device = batches[0].src.device
     forward, loss_of = logits_fn(system, model), loss_fn(system)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    sync(device)
     start = time.perf_counter()
     for b in batches:
         with ctx:  # the loss too, as HF's Trainer computes it under autocast
@@ -115,6 +125,7 @@ def train_run(system: str, model, batches, precision: str) -> float:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -123,13 +134,15 @@ def decode_run(system: str, model, vocab, lines: list[str], out_len: int, batch_
     from mt.search import beam_search
 
     model.eval()
+    device = next(model.parameters()).device
     ids = vocab.src.encode(lines)
     order = np.argsort([len(x) for x in ids], kind="stable")
+    sync(device)
     start = time.perf_counter()
     for i in range(0, len(order), batch_size):
         chunk = [ids[j] + [3] for j in order[i:i + batch_size]]
         width = max(map(len, chunk))
-        src = torch.tensor([x + [0] * (width - len(x)) for x in chunk])
+        src = torch.tensor([x + [0] * (width - len(x)) for x in chunk]).to(device)
         with torch.inference_mode():
             if system == "mt":
                 beam_search(model, src, beam_size=4, length_penalty=0.6, bos=2, eos=3, pad=0,
@@ -138,17 +151,21 @@ def decode_run(system: str, model, vocab, lines: list[str], out_len: int, batch_
                 model.generate(input_ids=src, attention_mask=src.ne(0), num_beams=4, length_penalty=0.6,
                                min_new_tokens=out_len, max_new_tokens=out_len, do_sample=False,
                                early_stopping=False)
+    sync(device)
     return time.perf_counter() - start
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """Measured FLOP/s of a large square matmul: the peak MFU is reported against."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
+    """Measured FLOP/s of a large square matmul (random data): the peak MFU is reported against."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(reps):
+        sync(device)
         start = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
 
@@ -167,7 +184,8 @@ def train_flops(size: str, vocab_size: int, batches) -> float:
 def memory_probe(args) -> None:
     """Run one measurement in this (fresh) process; print the peak RSS above the RSS after set-up."""
     torch.manual_seed(0)
-    vocab, batches, lines = prepare(Path(args.work), args.max_tokens, args.train_batches, args.sentences)
+    vocab, batches, lines = prepare(Path(args.work), args.max_tokens, args.train_batches, args.sentences,
+                                    torch.device("cpu"))
     model = build(args.system, args.size, vocab.src_size)
     # Reset the kernel's high-water mark (Linux), so the peak is the measured work's, not the set-up's.
     Path("/proc/self/clear_refs").write_text("5")
@@ -196,6 +214,7 @@ def main() -> int:
     ap.add_argument("--out-len", type=int, default=20, help="fixed output length for decoding")
     ap.add_argument("--decode-batch", type=int, default=100, help="sentences per decoding batch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu (the issue's targets), cuda or cuda:N")
     ap.add_argument("--skip", nargs="*", default=[], choices=("train", "decode", "memory"))
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--probe", choices=("train", "decode"), help=argparse.SUPPRESS)
@@ -207,18 +226,20 @@ def main() -> int:
         memory_probe(args)
         return 0
 
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    vocab, batches, lines = prepare(Path(args.work), args.max_tokens, args.train_batches, args.sentences)
-    models = {name: build(name, args.size, vocab.src_size) for name in ("mt", "hf")}
+    vocab, batches, lines = prepare(Path(args.work), args.max_tokens, args.train_batches, args.sentences, device)
+    models = {name: build(name, args.size, vocab.src_size).to(device) for name in ("mt", "hf")}
     n_tokens = sum(b.n_tgt_tokens for b in batches)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"size {args.size} {SIZES[args.size]}, vocab {vocab.src_size}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {len(batches)} batches of <= {args.max_tokens} tokens "
+          f"{where}; {len(batches)} batches of <= {args.max_tokens} tokens "
           f"({n_tokens} target tokens); {len(lines)} sentences decoded to {args.out_len} tokens, beam 4")
     rows = []
     if "train" not in args.skip:
         flops = train_flops(args.size, vocab.src_size, batches)
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            peak = matmul_peak(dtype)
+            peak = matmul_peak(dtype, device)
             times = {name: [] for name in models}
             for name in models:  # warm-up
                 train_run(name, models[name], batches[:2], precision)
@@ -231,7 +252,7 @@ def main() -> int:
                          f"mt MFU {100 * mfu:.1f}% of {peak / 1e9:.0f} GFLOP/s matmul"))
     if "decode" not in args.skip:
         for precision in ("fp32", "bf16"):  # bf16: both models' weights cast, as `mt translate --precision bf16`
-            cast = {name: copy.deepcopy(m).to(torch.bfloat16) if precision == "bf16" else m
+            cast = {name: copy.deepcopy(m).to(dtype=torch.bfloat16) if precision == "bf16" else m
                     for name, m in models.items()}
             times = {name: [] for name in models}
             for name in models:
@@ -241,7 +262,21 @@ def main() -> int:
                     times[name].append(decode_run(name, cast[name], vocab, lines, args.out_len, args.decode_batch))
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append((f"beam-4 sentences/s {precision}", len(lines) / med["mt"], len(lines) / med["hf"], ""))
-    if "memory" not in args.skip:
+    if "memory" not in args.skip and device.type == "cuda":
+        # The caching allocator's own peak, in this process: what each measurement adds to what is already held.
+        for probe in ("train", "decode"):
+            peak = {}
+            for name, model in models.items():
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                if probe == "train":
+                    train_run(name, model, batches, "fp32")
+                else:
+                    decode_run(name, model, vocab, lines[:args.decode_batch], args.out_len, args.decode_batch)
+                peak[name] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+            rows.append((f"peak memory MiB, {probe} (lower is better)", peak["mt"], peak["hf"], ""))
+    elif "memory" not in args.skip:
         for probe in ("train", "decode"):
             peak = {}
             for name in models:

@@ -23,7 +23,7 @@ def tiny_run_args(tmp_path, dropout: float, save_every: int) -> list[str]:
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--quiet"]
     for item in (f"data.train={prefix}", f"data.valid={prefix}", "data.max_tokens=256", f"model.dropout={dropout}",
                  "train.valid_bleu=false", "train.validate_every=100", f"train.save_every={save_every}",
-                 "train.average_last=0", "train.num_threads=1"):
+                 "train.average_last=0", "train.num_threads=1", "train.device=cpu"):  # gloo, also beside a GPU
         args += ["--set", item]
     return args
 

@@ -16,6 +16,7 @@ from mt.checkpoint import average_checkpoints, load_checkpoint, load_for_inferen
 from mt.config import TrainConfig, load_config
 from mt.data import prepare_data
 from mt.errors import MTError
+from mt import train as train_module
 from mt.train import Trainer, label_smoothed_loss, learning_rate
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
@@ -216,3 +217,32 @@ def test_validation_reports_loss_perplexity_and_bleu(tmp_path):
     assert v["valid_ppl"] == pytest.approx(math.exp(v["valid_nll"]))
     assert 0.0 <= v["valid_bleu"] <= 100.0
     assert v["valid_nll"] > 0.0
+
+
+def test_tokens_per_second_leave_out_the_time_spent_validating(tmp_path, monkeypatch):
+    # A clock that moves 1 s per training step and 100 s per validation: throughput must be tokens per
+    # training second, whatever the validations cost.
+    clock = {"now": 0.0}
+    monkeypatch.setattr(train_module.time, "time", lambda: clock["now"])
+    real_step, real_validate = Trainer.train_step, Trainer.validate
+
+    def step(self, *args):
+        clock["now"] += 1.0
+        return real_step(self, *args)
+
+    def validate(self):
+        clock["now"] += 100.0
+        return real_validate(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(Trainer, "validate", validate)
+    corpus = _write_corpus(tmp_path / "pairs")
+    cfg = _tiny_config(tmp_path, corpus, "train.max_steps=8", "train.validate_every=2", "train.log_every=4",
+                       "train.valid_bleu=false", "train.average_last=0", "train.save_every=100")
+    Trainer(cfg, prepare_data(cfg.data, cfg.run_dir)).fit()
+    records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "tokens_per_s" in r]
+    assert [r["step"] for r in logged] == [4, 8]
+    for r in logged:  # 4 steps of 1 s each: the interval's tokens / 4 s, not / 204 s
+        assert r["tokens_per_s"] > 50, logged
+    assert logged[-1]["elapsed_s"] >= 8 + 300  # the wall-time budget still counts validations (steps 2, 4, 6)
