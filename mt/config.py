@@ -79,7 +79,7 @@ class TrainConfig:
 
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA) | auto (bf16 where native, else fp32)
     update_freq: int = 1  # gradient accumulation: batches per optimiser step
     max_steps: int = 100_000
     max_epochs: int = 0  # 0: no limit
@@ -138,7 +138,7 @@ class Config:
 CHOICES = {
     ("data", "spm_model_type"): ("unigram", "bpe", "char", "word"),
     ("model", "norm"): ("post", "pre"),
-    ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("train", "precision"): ("fp32", "bf16", "fp16", "auto"),
     ("train", "best_metric"): ("bleu", "loss"),
     ("train", "lr_schedule"): ("inverse_sqrt", "linear"),
     ("decode", "method"): ("beam", "greedy", "sample"),

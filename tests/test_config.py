@@ -87,7 +87,7 @@ def test_file_values_and_overrides_are_applied_with_yaml_types(tmp_path):
     ("model:\n  dropout: -0.1\n", [], "c.yaml: model.dropout must be in [0, 1), got -0.1"),
     ("model:\n  dropout: 1.0\n", [], "c.yaml: model.dropout must be in [0, 1), got 1.0"),
     ("train:\n  label_smoothing: 1.0\n", [], "c.yaml: train.label_smoothing must be in [0, 1), got 1.0"),
-    ("train:\n  precision: bf61\n", [], "c.yaml: train.precision must be one of fp32, bf16, fp16, got 'bf61' "
+    ("train:\n  precision: bf61\n", [], "c.yaml: train.precision must be one of fp32, bf16, fp16, auto, got 'bf61' "
                                         "(did you mean 'bf16'?)"),
     ("data:\n  min_len: 10\n  max_len: 5\n", [], "c.yaml: data.min_len (10) is larger than data.max_len (5)"),
     ("decode:\n  nbest: 5\n  beam_size: 4\n", [], "c.yaml: decode.nbest (5) cannot exceed decode.beam_size (4)"),

@@ -246,3 +246,33 @@ def test_tokens_per_second_leave_out_the_time_spent_validating(tmp_path, monkeyp
     for r in logged:  # 4 steps of 1 s each: the interval's tokens / 4 s, not / 204 s
         assert r["tokens_per_s"] > 50, logged
     assert logged[-1]["elapsed_s"] >= 8 + 300  # the wall-time budget still counts validations (steps 2, 4, 6)
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_it_natively(monkeypatch):
+    from mt.train import resolve_precision
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    for flags, want in (((True, False), "bf16"), ((False, True), "bf16"), ((False, False), "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=flags[0]: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=flags[1]: v, raising=False)
+        assert resolve_precision("auto", cpu) == want, flags
+        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, v=native: v)
+        assert resolve_precision("auto", gpu) == want
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_trainer_with_auto_precision_trains_in_what_it_resolved(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+    used = []
+    real_autocast = train_module.autocast
+    monkeypatch.setattr(train_module, "autocast", lambda p, d: used.append(p) or real_autocast(p, d))
+    corpus = _write_corpus(tmp_path / "pairs")
+    cfg = _tiny_config(tmp_path, corpus, "train.precision=auto", "train.max_steps=2", "train.validate_every=2",
+                       "train.valid_bleu=false", "train.average_last=0")
+    trainer = Trainer(cfg, prepare_data(cfg.data, cfg.run_dir))
+    trainer.fit()
+    want = "bf16" if native else "fp32"
+    assert trainer.precision == want and used and set(used) == {want}
+    assert load_checkpoint(Path(cfg.run_dir) / "checkpoint_last.pt")["config"]["train"]["precision"] == "auto"
