@@ -274,6 +274,8 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if value is None:  # `valid:` left empty, or --set data.valid=null: the empty string, "none"
+            return ""
     else:  # pragma: no cover - a field type this function does not know is a programming error
         raise TypeError(f"unsupported config type {tp} for {key}")
     raise MTError(f"{where}: {key} must be {tp.__name__}, got {_show(value)}")

@@ -44,6 +44,11 @@ def test_an_empty_file_or_an_empty_section_keeps_the_defaults(tmp_path):
     assert load_config(write(tmp_path, "model:\n"), ["model.d_model=256", "model.n_heads=4"]).model.d_model == 256
 
 
+def test_an_empty_or_null_path_means_none(tmp_path):
+    cfg = load_config(write(tmp_path, "data:\n  train: a\n  valid:\n  test: b\n"), ["data.test=null"])
+    assert (cfg.data.train, cfg.data.valid, cfg.data.test) == ("a", "", "")
+
+
 def test_language_codes_that_yaml_1_1_reads_as_booleans_stay_strings(tmp_path):
     cfg = load_config(write(tmp_path, "data:\n  src_lang: no\n  tgt_lang: on\ntrain:\n  valid_bleu: false\n"))
     assert (cfg.data.src_lang, cfg.data.tgt_lang, cfg.train.valid_bleu) == ("no", "on", False)
