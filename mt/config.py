@@ -243,6 +243,10 @@ def _unknown_key(key: str, names: list[str], prefix: str) -> str:
     return f"unknown key '{prefix}{key}'{hint}"
 
 
+# Corpora a run can do without, where null (an empty `valid:`) means the same as the empty string.
+OPTIONAL_PATHS = ("data.valid", "data.test")
+
+
 def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         # An empty section (`model:` with every key commented out) reads as null: keep the defaults.
@@ -274,7 +278,7 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-        if value is None:  # `valid:` left empty, or --set data.valid=null: the empty string, "none"
+        if value is None and key in OPTIONAL_PATHS:  # `valid:` left empty, or --set data.valid=null: none
             return ""
     else:  # pragma: no cover - a field type this function does not know is a programming error
         raise TypeError(f"unsupported config type {tp} for {key}")

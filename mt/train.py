@@ -176,10 +176,7 @@ def native_bf16(device: torch.device) -> bool:
     bf16 products are emulated through float32, which gains nothing, so `auto` keeps float32 there (ARM CPUs
     with bf16 instructions included: not detected, not measured)."""
     if device.type == "cuda":
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # a PyTorch without the argument
-            return torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.cuda.get_device_capability(device)[0] >= 8  # this device, not the current one
     if device.type == "cpu":
         return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
                                                                         "_is_amx_tile_supported"))
@@ -304,7 +301,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "model_spec": self.spec, "config": to_dict(self.cfg),
             "vocab": vocab_state(self.data.vocab), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "progress": vars(self.progress).copy(),
+            "scaler": self.scaler.state_dict(), "progress": vars(self.progress).copy(), "precision": self.precision,
             "rng": self._all_rng_states(), "step": self.progress.step,
         }
 
@@ -340,6 +337,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
+        if state.get("precision", self.precision) != self.precision:  # `auto` on another machine, say
+            log.warning("%s was trained in %s, resuming in %s", path, state["precision"], self.precision)
         rngs = state["rng"]
         if len(rngs) != self.world:
             log.warning("%s was saved by %d processes, resuming with %d: dropout masks will differ from an "

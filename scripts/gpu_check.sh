@@ -33,13 +33,16 @@ TAIL=8 step bench-small 150 "$py" scripts/bench.py --device cuda --work "$work/b
 TAIL=8 step bench-base 120 "$py" scripts/bench.py --device cuda --size base --max-tokens 8192 --reps 3 \
     --work "$work/bench"
 run=$work/multi30k
-step demo-train 200 "$py" -m mt train --config configs/multi30k.yaml --set run_dir="$run" \
+minutes=${MT_GPU_MINUTES:-1}
+step demo-train "$(python3 -c "print(int($minutes * 60 + 150))")" "$py" -m mt train --config configs/multi30k.yaml --set run_dir="$run" \
     --set data.train="$data/train" --set data.valid="$data/val" --set data.test="$data/test_2016_flickr" \
-    --set train.precision=bf16 --set train.max_time_minutes="${MT_GPU_MINUTES:-1}" \
+    --set train.precision=bf16 --set train.max_time_minutes="$minutes" \
     --set train.save_every=200 --set train.validate_every=1000
 for which in last avg; do
     step "demo-eval-$which" 60 "$py" -m mt eval --checkpoint "$run/checkpoint_$which.pt" \
         --src "$data/test_2016_flickr.de" --ref "$data/test_2016_flickr.en" --output "$run/test.$which.hyp.en"
 done
 grep "tokens/s" "$out/demo-train.log" | tail -n 3
-TAIL=15 step suite 100 "$py" -m pytest -q -p no:cacheprovider -n 8 tests
+parallel=()
+"$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)  # pytest-xdist, where installed
+TAIL=15 step suite 150 "$py" -m pytest -q -p no:cacheprovider "${parallel[@]}" tests

@@ -47,6 +47,8 @@ def test_an_empty_file_or_an_empty_section_keeps_the_defaults(tmp_path):
 def test_an_empty_or_null_path_means_none(tmp_path):
     cfg = load_config(write(tmp_path, "data:\n  train: a\n  valid:\n  test: b\n"), ["data.test=null"])
     assert (cfg.data.train, cfg.data.valid, cfg.data.test) == ("a", "", "")
+    with pytest.raises(MTError, match="data.train must be str, got null"):  # a run cannot do without it
+        load_config(None, ["data.train=null"])
 
 
 def test_language_codes_that_yaml_1_1_reads_as_booleans_stay_strings(tmp_path):

@@ -104,7 +104,29 @@ def test_attention_on_cuda_avoids_cudnn_kernels_that_rebuild_per_shape():
         torch.cuda.synchronize()
     kernels = [e.key for e in prof.key_averages()]
     assert any("fmha" in k.lower() or "attention" in k.lower() or "flash" in k.lower() for k in kernels), kernels
-    assert not [k for k in kernels if "cudnn" in k.lower()]
+    assert not [k for k in kernels if "cudnn" in k.lower()]  # fails only where cuDNN's kernel is the default
+
+
+def test_every_attention_call_on_cuda_runs_with_cudnn_attention_off(monkeypatch):
+    # The same property on any GPU: inside each SDPA call, cuDNN's backend is disabled.
+    import mt.model
+
+    seen, before = [], torch.backends.cuda.cudnn_sdp_enabled()
+    real = mt.model.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mt.model.F, "scaled_dot_product_attention", spy)
+    model = _model(seed=7).cuda()
+    src, tgt = _padded_batch(seed=8)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(src.cuda(), tgt.cuda()).float().sum().backward()
+    with torch.inference_mode():
+        beam_search(model.eval(), src.cuda(), beam_size=2, bos=BOS, eos=EOS, pad=PAD, max_len_b=3)
+    assert len(seen) > 6 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before  # the setting is put back after each call
 
 
 def _config(tmp_path: Path, name: str, *extra: str):
@@ -143,10 +165,10 @@ def test_killed_and_resumed_cuda_run_ends_with_the_weights_of_an_uninterrupted_r
     b = load_checkpoint(Path(resumed.run_dir) / "checkpoint_last.pt")
     start = load_checkpoint(Path(resumed.run_dir) / "checkpoint_4.pt")["model"]
     assert a["progress"]["step"] == b["progress"]["step"] == 10
-    moved = 0.0
-    for key in a["model"]:
-        # GPU kernels may sum in a different order from run to run (atomics): equal up to rounding, which
-        # different dropout masks after the resume would far exceed.
-        torch.testing.assert_close(b["model"][key], a["model"][key], atol=1e-4, rtol=1e-3)
-        moved = max(moved, (a["model"][key] - start[key]).abs().max().item())
-    assert moved > 1e-3
+    # GPU kernels may sum in a different order from run to run (atomics), and Adam magnifies the rounding of
+    # near-zero gradients: the runs agree up to a small fraction of how far the weights moved since step 4,
+    # where other dropout masks after the resume would give a difference of the order of the movement itself.
+    flat = lambda state: torch.cat([t.flatten().float() for t in state.values()])  # noqa: E731
+    moved = (flat(a["model"]) - flat(start)).norm()
+    assert moved > 1e-2
+    assert (flat(b["model"]) - flat(a["model"])).norm() < 0.02 * moved

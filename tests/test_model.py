@@ -314,6 +314,33 @@ def test_cpu_dropout_mask_drops_a_fraction_p_and_keeps_the_expectation(p):
     assert torch.equal(drop.eval()(x), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_dropout_of_reduced_precision_and_strided_inputs_is_a_scaled_mask(dtype):
+    torch.manual_seed(1)
+    base = torch.randn(300, 200).to(dtype)
+    x = base.t().requires_grad_()  # not contiguous
+    y = mt.model.Dropout(0.1).train()(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.01
+    # Kept elements are x / (1 - p), rounded once from float32, and the gradient flows through them alone.
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    assert torch.equal(y[kept], (x.detach().float() * scale).to(dtype)[kept])
+    g = torch.randn(x.shape).to(dtype)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.where(kept, (g.float() * scale).to(dtype), 0).to(dtype))
+
+
+def test_attention_kernels_on_cuda_leave_out_cudnn_and_keep_a_users_choice():
+    cuda, B = torch.backends.cuda, torch.nn.attention.SDPBackend
+    assert mt.model.sdpa_backends_without_cudnn() == [B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH]
+    cuda.enable_flash_sdp(False)
+    try:
+        assert mt.model.sdpa_backends_without_cudnn() == [B.EFFICIENT_ATTENTION, B.MATH]
+    finally:
+        cuda.enable_flash_sdp(True)
+
+
 @pytest.mark.parametrize("cross", [False, True])
 def test_bf16_cpu_training_attention_equals_sdpa_in_float32(cross, monkeypatch):
     calls = []

@@ -220,8 +220,8 @@ def test_validation_reports_loss_perplexity_and_bleu(tmp_path):
 
 
 def test_tokens_per_second_leave_out_the_time_spent_validating(tmp_path, monkeypatch):
-    # A clock that moves 1 s per training step and 100 s per validation: throughput must be tokens per
-    # training second, whatever the validations cost.
+    # A clock that moves 1 s per training step and 100 s per validation or checkpoint: throughput must be
+    # tokens per training second, whatever the validations and checkpoints cost.
     clock = {"now": 0.0}
     monkeypatch.setattr(train_module.time, "time", lambda: clock["now"])
     real_step, real_validate = Trainer.train_step, Trainer.validate
@@ -234,18 +234,25 @@ def test_tokens_per_second_leave_out_the_time_spent_validating(tmp_path, monkeyp
         clock["now"] += 100.0
         return real_validate(self)
 
+    def save(self, *args, **kwargs):
+        clock["now"] += 100.0
+        return real_save(self, *args, **kwargs)
+
+    real_save = Trainer.save
     monkeypatch.setattr(Trainer, "train_step", step)
     monkeypatch.setattr(Trainer, "validate", validate)
+    monkeypatch.setattr(Trainer, "save", save)
     corpus = _write_corpus(tmp_path / "pairs")
     cfg = _tiny_config(tmp_path, corpus, "train.max_steps=8", "train.validate_every=2", "train.log_every=4",
-                       "train.valid_bleu=false", "train.average_last=0", "train.save_every=100")
+                       "train.valid_bleu=false", "train.average_last=0", "train.save_every=3")
     Trainer(cfg, prepare_data(cfg.data, cfg.run_dir)).fit()
     records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "tokens_per_s" in r]
     assert [r["step"] for r in logged] == [4, 8]
-    for r in logged:  # 4 steps of 1 s each: the interval's tokens / 4 s, not / 204 s
+    for r in logged:  # 4 steps of 1 s each: the interval's tokens / 4 s, not / 204 s or more
         assert r["tokens_per_s"] > 50, logged
-    assert logged[-1]["elapsed_s"] >= 8 + 300  # the wall-time budget still counts validations (steps 2, 4, 6)
+    # The wall-time budget still counts them: validations at steps 2, 4, 6 and a checkpoint at 3 and 6.
+    assert logged[-1]["elapsed_s"] >= 8 + 500
 
 
 def test_auto_precision_is_bf16_only_where_the_device_has_it_natively(monkeypatch):
@@ -257,8 +264,8 @@ def test_auto_precision_is_bf16_only_where_the_device_has_it_natively(monkeypatc
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=flags[1]: v, raising=False)
         assert resolve_precision("auto", cpu) == want, flags
         assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    for native, want in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, v=native: v)
+    for capability, want in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "fp32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, v=capability: v)
         assert resolve_precision("auto", gpu) == want
 
 
