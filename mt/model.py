@@ -107,13 +107,12 @@ class Dropout(nn.Module):
         bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
         # The full 64-bit range: with no bounds, random_ leaves the sign bit of an int64 zero.
         bits.random_(-2 ** 63, None)
-        # The mask as 0/1 in x's dtype, written by the comparison itself: the products with it (here and in
-        # the backward pass) are then plain same-dtype multiplications, where a boolean mask goes through
-        # `where` or a bool-to-float conversion, each 5-6x slower on a CPU (0.5M bf16 elements: mask applied
-        # forward and backward in 0.18 ms, against 0.75 ms with `where`; the bf16 training step 3-8% faster).
-        # 0 and 1 are exact in any dtype; the scale is a Python float, applied in float32 and rounded once.
+        # The comparison writes the mask as 0/1 bytes (uint8, a byte an element, as a boolean mask), so that
+        # applying it here and in the backward pass is a plain multiplication: a boolean mask goes through
+        # `where`, ~2x slower on a CPU (0.5M bf16 elements, forward + backward: 0.47 ms, against 0.96 ms; the
+        # bf16 training step 3-8% faster). The scale is a Python float, applied in float32 and rounded once.
         keep = torch.ge(bits.view(torch.int16)[:x.numel()].view(x.shape), self._threshold,
-                        out=torch.empty_like(x, memory_format=torch.contiguous_format))
+                        out=torch.empty(x.shape, dtype=torch.uint8, device=x.device))
         return (x * keep).mul_(self._scale)
 
     def extra_repr(self) -> str:

@@ -34,7 +34,8 @@ TAIL=8 step bench-base 120 "$py" scripts/bench.py --device cuda --size base --ma
     --work "$work/bench"
 run=$work/multi30k
 minutes=${MT_GPU_MINUTES:-1}
-step demo-train "$(python3 -c "print(int($minutes * 60 + 150))")" "$py" -m mt train --config configs/multi30k.yaml --set run_dir="$run" \
+limit=$("$py" -c "print(int($minutes * 60 + 150))")  # the budget, plus data preparation and the last save
+step demo-train "$limit" "$py" -m mt train --config configs/multi30k.yaml --set run_dir="$run" \
     --set data.train="$data/train" --set data.valid="$data/val" --set data.test="$data/test_2016_flickr" \
     --set train.precision=bf16 --set train.max_time_minutes="$minutes" \
     --set train.save_every=200 --set train.validate_every=1000
@@ -45,4 +46,4 @@ done
 grep "tokens/s" "$out/demo-train.log" | tail -n 3
 parallel=()
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 8)  # pytest-xdist, where installed
-TAIL=15 step suite 150 "$py" -m pytest -q -p no:cacheprovider "${parallel[@]}" tests
+TAIL=15 step suite 150 "$py" -m pytest -q -p no:cacheprovider ${parallel[@]+"${parallel[@]}"} tests
