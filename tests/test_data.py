@@ -17,6 +17,7 @@ import pytest
 import sentencepiece as spm
 
 from mt.config import DataConfig
+from mt.data import corpus as corpus_module
 from mt.data import (BOS, EOS, PAD, UNK, batch_stats, collate, iterate_batches, make_batches, prepare_data,
                      read_corpus)
 from mt.data import cache as cache_module
@@ -135,6 +136,12 @@ def test_hf_rows_without_the_languages_are_an_error(tmp_path, monkeypatch):
         f"hf:{flat}: expected a 'translation' column or columns 'de' and 'en', found fr, en")
     assert error_of(lambda: list(read_corpus(f"hf:{tmp_path / 'nope.jsonl'}", "de", "en"))) == (
         f"{tmp_path / 'nope.jsonl'}: file not found")
+    # A dataset of no rows in the translation layout (a hub split sliced to nothing, say) reads as an empty
+    # corpus, which training then refuses by name, rather than as a dataset without the languages.
+    features = datasets.Features({"translation": datasets.Translation(languages=["de", "en"])})
+    empty = datasets.Dataset.from_dict({"translation": []}, features=features)
+    monkeypatch.setattr(corpus_module, "load_hf_dataset", lambda spec: empty)
+    assert list(read_corpus("hf:wmt14:de-en:validation[:0]", "de", "en")) == []
 
 
 @pytest.mark.parametrize("de, en, message", [

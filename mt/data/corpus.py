@@ -138,8 +138,8 @@ def _read_hf(spec: str, src_lang: str, tgt_lang: str) -> Iterator[Pair]:
             for row in batch["translation"]:
                 yield row[src_lang], row[tgt_lang]
 
-        first = ds[0]["translation"] if len(ds) else {}
-        missing = [lang for lang in (src_lang, tgt_lang) if lang not in first]
+        first = ds[0]["translation"] if len(ds) else None  # an empty dataset is an empty corpus, reported later
+        missing = [lang for lang in (src_lang, tgt_lang) if first is not None and lang not in first]
         if missing:
             raise MTError(f"{spec}: the translation column has no '{missing[0]}' (has {', '.join(first)})")
     elif src_lang in columns and tgt_lang in columns:
