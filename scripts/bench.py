@@ -190,11 +190,16 @@ def memory_probe(args) -> None:
     # Reset the kernel's high-water mark (Linux), so the peak is the measured work's, not the set-up's.
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_kib("VmRSS")
-    if args.probe == "train":
-        train_run(args.system, model, batches, "fp32")
-    else:
-        decode_run(args.system, model, vocab, lines[:100], args.out_len, args.decode_batch)
+    measured_work(args.probe, args.system, model, vocab, batches, lines, args)
     print(json.dumps({"peak_mib": (_status_kib("VmHWM") - base) / 1024}))
+
+
+def measured_work(probe: str, system: str, model, vocab, batches, lines: list[str], args) -> None:
+    """What peak memory is measured on: fp32 training steps, or beam-decoding one decoding batch."""
+    if probe == "train":
+        train_run(system, model, batches, "fp32")
+    else:
+        decode_run(system, model, vocab, lines[:args.decode_batch], args.out_len, args.decode_batch)
 
 
 def _status_kib(field: str) -> int:
@@ -270,10 +275,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-                if probe == "train":
-                    train_run(name, model, batches, "fp32")
-                else:
-                    decode_run(name, model, vocab, lines[:args.decode_batch], args.out_len, args.decode_batch)
+                measured_work(probe, name, model, vocab, batches, lines, args)
                 peak[name] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
             rows.append((f"peak memory MiB, {probe} (lower is better)", peak["mt"], peak["hf"], ""))
     elif "memory" not in args.skip:
