@@ -26,6 +26,8 @@ Conventions shared by all searches:
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,16 +104,54 @@ def sample_categorical(logits: Tensor, generator: torch.Generator | None = None)
     return (logits - noise.log()).argmax(-1)
 
 
-def _constrain_(lprobs: Tensor, length: int, limit: Tensor, *, eos: int, pad: int, min_len: int) -> Tensor:
+def _constrain_(lprobs: Tensor, length: int, limit: Tensor, *, eos: int, pad: int, min_len: int,
+                shortest_limit: int = 0) -> Tensor:
     """lprobs (rows, vocab): log-probs of the `length`-th output token; limit (rows,) -> lprobs, modified in
     place (a search step's largest tensor, not worth a copy), with PAD forbidden, EOS forbidden while
     length < min_len, and nothing but EOS where length >= limit (the limit wins). The forced EOS keeps its
-    own log-probability, so scores stay the model's."""
+    own log-probability, so scores stay the model's. shortest_limit: a lower bound of `limit`, read once per
+    search; below it no row has reached its limit and the pass over lprobs that enforces it is skipped (on a
+    CPU a row-masked fill of 400 x 8k log-probs took 2.5 ms, more than the step's log-softmax)."""
     eos_lp = lprobs[:, eos].clone()
-    lprobs.masked_fill_((length >= limit).unsqueeze(1), -torch.inf)
+    if length >= shortest_limit:
+        lprobs.masked_fill_((length >= limit).unsqueeze(1), -torch.inf)
     lprobs[:, pad] = -torch.inf
     lprobs[:, eos] = eos_lp if length >= min_len else eos_lp.masked_fill(length < limit, -torch.inf)
     return lprobs
+
+
+def _limit_range(limit: Tensor) -> tuple[int, int]:
+    """limit (B,) -> (its min, its max) as ints, in one host read; (0, 0) for an empty batch."""
+    if not limit.numel():
+        return 0, 0
+    lo, hi = torch.aminmax(limit)
+    return tuple(torch.stack([lo, hi]).tolist())
+
+
+@functools.lru_cache(maxsize=None)
+def _block_length(n: int, k: int) -> int | None:
+    """A divisor of n near sqrt(n), leaving more than 4k blocks; None if n has none."""
+    fits = [d for d in range(8, math.isqrt(n) * 4 + 1) if n % d == 0 and n // d > 4 * k]
+    return min(fits, key=lambda d: abs(d - math.isqrt(n))) if fits else None
+
+
+def _top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """x.topk(k, dim=1) for x (rows, n): the k largest per row, best first, and their indices, each (rows, k).
+
+    On a CPU, topk over the K * vocab candidates of a sentence costs about a nanosecond per element, the search
+    step's largest cost after the model. Cut each row into blocks: the k largest elements lie in the k blocks
+    with the largest maxima (a block outside them is beaten by k block maxima, so any of its elements by k
+    elements), so a topk over those blocks alone gives the same answer. 100 x 32k: 0.5-0.7 ms against 2.2-2.6.
+    Ties may be broken differently from a single topk, which promises no order among them either.
+    """
+    rows, n = x.shape
+    block = _block_length(n, k) if x.device.type == "cpu" else None
+    if block is None:
+        return x.topk(k, dim=1)
+    best_blocks = x.view(rows, n // block, block).amax(dim=2).topk(k, dim=1).indices  # (rows, k)
+    index = (best_blocks.unsqueeze(2) * block + torch.arange(block, device=x.device)).view(rows, k * block)
+    values, at = x.gather(1, index).topk(k, dim=1)
+    return values, index.gather(1, at)
 
 
 def _sync_period(device: torch.device, sync_every: int | None) -> int:
@@ -139,7 +179,7 @@ def _one_token_at_a_time(model, src: Tensor, choose, *, bos: int, eos: int, pad:
     left."""
     B, device = src.size(0), src.device
     limit = max_lengths(src, pad, max_len_a, max_len_b)  # (B,)
-    steps = int(limit.max()) if B else 0  # one read before the loop: the buffers' width
+    shortest, steps = _limit_range(limit)  # one read before the loop; steps: the buffers' width
     state = model.start_decoding(src, steps)
     tokens = torch.full((B, steps), pad, dtype=torch.long, device=device)
     scores = torch.zeros(B, device=device)
@@ -152,7 +192,7 @@ def _one_token_at_a_time(model, src: Tensor, choose, *, bos: int, eos: int, pad:
         row_limit = limit[rows]
         logits = model.decode_step(prev, state)
         lprobs = _constrain_(F.log_softmax(logits.float(), dim=-1), t + 1, row_limit, eos=eos, pad=pad,
-                             min_len=min_len)
+                             min_len=min_len, shortest_limit=shortest)
         # Forced even where the model gives EOS probability zero, so that every output ends in EOS. A row that
         # has ended (still in the batch until the next read) emits only padding, scored 0.
         token = choose(lprobs).masked_fill(t + 1 >= row_limit, eos).masked_fill(~live, pad)
@@ -231,7 +271,7 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
     alpha, K = length_penalty, beam_size
     B, device = src.size(0), src.device
     limit = max_lengths(src, pad, max_len_a, max_len_b)  # (B,)
-    steps = int(limit.max()) if B else 0  # one read before the loop: the buffers' width
+    shortest, steps = _limit_range(limit)  # one read before the loop; steps: the buffers' width
     lp = _lp(torch.arange(steps + 2, device=device), alpha)  # (steps + 2,) lp of each length
     lp_limit = lp[limit]  # (B,)
     state = model.start_decoding(src, steps, beam_size=K)  # rows g*K .. g*K+K-1 decode sentence g
@@ -256,9 +296,9 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
         logits = model.decode_step(prev, state)  # (n*K, V)
         V = logits.size(-1)
         lprobs = _constrain_(F.log_softmax(logits.float(), dim=-1), t + 1, row_limit.repeat_interleave(K),
-                             eos=eos, pad=pad, min_len=min_len)
+                             eos=eos, pad=pad, min_len=min_len, shortest_limit=shortest)
         cand = lprobs.view(n, K, V).add_(live_scores.unsqueeze(2)).view(n, K * V)  # in place, as above
-        cand_scores, cand_index = cand.topk(min(2 * K, K * V), dim=1)  # (n, C), best first
+        cand_scores, cand_index = _top_k(cand, min(2 * K, K * V))  # (n, C), best first
         C = cand_scores.size(1)
         cand_token = cand_index % V
         cand_rows = torch.arange(n, device=device).unsqueeze(1) * K + cand_index // V  # (n, C) parent rows
