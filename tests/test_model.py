@@ -341,16 +341,18 @@ def test_attention_kernels_on_cuda_leave_out_cudnn_and_keep_a_users_choice():
         cuda.enable_flash_sdp(True)
 
 
+@pytest.mark.parametrize("extra", [0, 14])  # rows of keys shorter than mt.model.SOFTMAX_MIN_ROW, and longer
 @pytest.mark.parametrize("cross", [False, True])
-def test_bf16_cpu_training_attention_equals_sdpa_in_float32(cross, monkeypatch):
+def test_bf16_cpu_training_attention_equals_sdpa_in_float32(cross, extra, monkeypatch):
     calls = []
     spelled_out = mt.model.MultiHeadAttention._attend_bf16_cpu
     monkeypatch.setattr(mt.model.MultiHeadAttention, "_attend_bf16_cpu",
                         lambda self, *a: calls.append(1) or spelled_out(self, *a))
     torch.manual_seed(0)
     attn = mt.model.MultiHeadAttention(D, H, attention_dropout=0.0, cross=cross)
-    x, memory = torch.randn(3, 6, D), torch.randn(3, 7, D)
-    mask = padding_mask(torch.tensor([[False] * 7, [False] * 4 + [True] * 3, [False] * 6 + [True]]))
+    x, memory = torch.randn(3, 6 + extra, D), torch.randn(3, 7 + extra, D)
+    pad = torch.tensor([[False] * 7, [False] * 4 + [True] * 3, [False] * 6 + [True]])
+    mask = padding_mask(torch.cat([torch.zeros(3, extra, dtype=torch.bool), pad], dim=1))
     args = (memory, mask) if cross else (None, None, True)
     ref = attn(x, *args)  # float32: scaled_dot_product_attention
     ref.square().sum().backward()
