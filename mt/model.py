@@ -164,6 +164,7 @@ class Embeddings(nn.Module):
 
 
 SOFTMAX_MIN_ROW = 16  # see MultiHeadAttention._attend_bf16_cpu
+SPELLED_OUT_MAX_QUERIES = 16  # bf16 CPU inference: up to this many queries by _attend_bf16_cpu, more by SDPA
 
 
 def sdpa_backends_without_cudnn() -> list[SDPBackend]:
@@ -227,7 +228,8 @@ class MultiHeadAttention(nn.Module):
 
         Heads are concatenated and projected by W^O (Section 3.2.2).
         """
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and (torch.is_grad_enabled() or q.size(-2) <= 16):
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and (torch.is_grad_enabled()
+                                                                     or q.size(-2) <= SPELLED_OUT_MAX_QUERIES):
             out = self._attend_bf16_cpu(q, k, v, mask, causal)
         elif q.device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
             # cuDNN's kernel rebuilds itself per shape (see sdpa_backends_without_cudnn): left out, unless a
@@ -253,7 +255,8 @@ class MultiHeadAttention(nn.Module):
         kernel was up to 1.3x faster. Forward only, for the few queries of a decoding step (1 per row, or the
         beams of a sentence over its source), the fused bf16 kernel took 1.8 ms against 0.4 for 400 rows over
         20 cached positions, and 0.6-0.8 ms against 0.3 for 100 x 4 beams over 12-30 source tokens; over
-        whole sentences of 100+ tokens it is the faster one, so it keeps the encoder.
+        whole sentences of 100+ tokens it is the faster one, so in inference it keeps the queries of
+        batches longer than SPELLED_OUT_MAX_QUERIES (an encoder pass over shorter ones comes here too).
         """
         products = torch.matmul(q, k.transpose(-2, -1))  # (B, H, Lq, Lk) bf16
         lq, lk = products.shape[-2:]
@@ -273,8 +276,9 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             scores[..., :lk] += torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
         probs = scores.softmax(dim=-1)[..., :lk]
-        # A query that may see no key attends to nothing (zeros, as SDPA), not NaN. A CPU reads the mask for free.
-        if mask is not None and not bool(mask.any(dim=-1).all()):
+        # A query that may see no key attends to nothing (zeros, as SDPA), not NaN. Reading the mask costs a CPU
+        # nothing, and skips two passes when every query sees a key; a compiled graph would break on the read.
+        if mask is not None and (torch.compiler.is_compiling() or not bool(mask.any(dim=-1).all())):
             probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)  # softmax's backward needs its output
         return torch.matmul(self.probs_dropout(probs.to(q.dtype)), v)
 

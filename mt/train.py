@@ -90,8 +90,11 @@ class _LabelSmoothedLoss(torch.autograd.Function):
     temporaries, the largest tensors of a training step.
 
     lse comes from the most likely token: lse = max(logits) - log(max(p)), where max(p) >= 1 / vocab keeps the
-    logarithm well-conditioned. The gradient is rounded to the logits' dtype once, after the target's
-    1 - epsilon is subtracted in float32 (in bf16 a confident p = 0.9 minus 0.9 would keep no digit).
+    logarithm well-conditioned. The stored gradient is rounded to the logits' dtype after the target's
+    1 - epsilon is subtracted in float32 (in bf16 a confident p = 0.9 minus 0.9 would keep no digit), and
+    rounded again when backward scales it (bf16: relative error ~2^-8 instead of ~2^-9). fp16 logits keep a
+    float32 gradient until it is scaled: rounded to fp16 unscaled, eps / vocab (3e-6 at 32k) falls below
+    fp16's normal range, which loss scaling exists to avoid.
     """
 
     @staticmethod
@@ -105,7 +108,13 @@ class _LabelSmoothedLoss(torch.autograd.Function):
         # d loss / d logits (for d loss = 1). Written over the logits when the caller allows it: they are not
         # needed once this chunk is read, their memory is already the process's (a fresh 30-60 MB buffer costs
         # its page faults on a CPU), and the step's largest tensor is not held twice.
-        grad = None if not want_grad else logits.detach() if reuse_logits else torch.empty_like(logits)
+        grad_dtype = torch.float32 if logits.dtype == torch.float16 else logits.dtype
+        if not want_grad:
+            grad = None
+        elif reuse_logits and grad_dtype == logits.dtype:
+            grad = logits.detach()
+        else:
+            grad = torch.empty_like(logits, dtype=grad_dtype)
         for i in range(0, n, rows):
             x = logits[i:i + rows].float()  # (rows, V)
             x_max = x.amax(dim=-1)
@@ -118,7 +127,7 @@ class _LabelSmoothedLoss(torch.autograd.Function):
                 grad[i:i + rows] = p.mul_(keep[i:i + rows, None])
         nll = (lse - target_logit).masked_fill(~keep, 0.0).sum()
         uniform = uniform.masked_fill(~keep, 0.0).sum()
-        ctx.grad, ctx.epsilon = grad, epsilon
+        ctx.grad, ctx.epsilon, ctx.dtype = grad, epsilon, logits.dtype
         ctx.save_for_backward(target, keep)
         ctx.set_materialize_grads(False)  # None for an output with no gradient (nll, in training): no work for it
         return (1.0 - epsilon) * nll + epsilon * uniform, nll
@@ -135,7 +144,7 @@ class _LabelSmoothedLoss(torch.autograd.Function):
             k = keep.to(grad.dtype)[:, None]
             grad.add_(k * (grad_nll * (eps / V)).to(grad.dtype))
             grad.scatter_add_(-1, target[:, None], k * (grad_nll * -eps).to(grad.dtype))
-        return grad, None, None, None, None
+        return grad.to(ctx.dtype), None, None, None, None
 
 
 def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float, pad: int = PAD,
@@ -147,9 +156,14 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: flo
     Returns (loss, nll): the smoothed loss to optimise and the plain negative log-likelihood, from which
     perplexity is reported. Both are float32 scalars and both can be differentiated, once.
 
-    reuse_logits: the gradient overwrites `logits` (when they need one), which the caller must not read
-    again; the training step's way. Autograd still refuses a backward through an operation that saved them.
+    reuse_logits: the gradient overwrites `logits` (when they need one; not fp16 ones, whose gradient stays
+    float32 until scaled), the training step's way: the caller must not read them again. The logits must be
+    the output of an operation, not a leaf such as a parameter. Autograd's version check still refuses a
+    backward through an operation that saved them for its own backward (`Linear` does not), but not a
+    read by the caller, and saved-tensor hooks (`save_on_cpu`) do not see the stored gradient.
     """
+    if reuse_logits and logits.is_leaf and logits.requires_grad:
+        raise ValueError("label_smoothed_loss: reuse_logits would overwrite a leaf tensor; pass computed logits")
     return _LabelSmoothedLoss.apply(logits, target, epsilon, pad, reuse_logits)
 
 

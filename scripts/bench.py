@@ -5,7 +5,7 @@
     python scripts/bench.py --size base        # the paper's base size (slow on a CPU)
     python scripts/bench.py --device cuda --size base --max-tokens 8192   # on a GPU (default: the CPU)
 
-For each system it times (median of --reps repetitions, the two systems alternating within a repetition):
+For each system it times (median of --reps repetitions, the two systems back to back in each, in turns):
   * a training step (forward, label-smoothed loss, backward, Adam) on the same Multi30k token batches, each
     system with its own label smoothing (mt's loss as its trainer calls it; HF's Trainer's
     LabelSmoother), fp32
@@ -97,11 +97,12 @@ def loss_fn(system: str):
     """Each system's own label-smoothed cross-entropy (epsilon 0.1), as its users train with it: mt's
     `label_smoothed_loss`, and the `LabelSmoother` of HF's (Seq2Seq)Trainer. (logits (B, T, V), batch) -> loss."""
     if system == "mt":
+        from mt.data.vocab import PAD
         from mt.train import label_smoothed_loss
 
         # Divided by a count left on the device: `Batch.n_tgt_tokens` would make the host wait for a GPU.
         return lambda logits, b: label_smoothed_loss(logits.flatten(0, 1), b.tgt_out.flatten(), 0.1,
-                                                     reuse_logits=True)[0] / b.tgt_out.ne(0).sum()
+                                                     reuse_logits=True)[0] / b.tgt_out.ne(PAD).sum()
     from transformers.trainer_pt_utils import LabelSmoother
 
     smoother = LabelSmoother(epsilon=0.1)
@@ -157,6 +158,13 @@ def decode_run(system: str, model, vocab, lines: list[str], out_len: int, batch_
                                early_stopping=False)
     sync(device)
     return time.perf_counter() - start
+
+
+def in_turn(models: dict, rep: int) -> list[str]:
+    """The systems' order in repetition `rep`: mt first in even ones, HF first in odd ones, so that neither
+    always runs on the caches (or the clock) the other left."""
+    names = list(models)
+    return names if rep % 2 == 0 else names[::-1]
 
 
 def speedup(times: dict[str, list[float]]) -> float:
@@ -259,8 +267,8 @@ def main() -> int:
             times = {name: [] for name in models}
             for name in models:  # warm-up
                 train_run(name, models[name], batches[:2], precision)
-            for _ in range(args.reps):
-                for name in models:
+            for rep in range(args.reps):
+                for name in in_turn(models, rep):
                     times[name].append(train_run(name, models[name], batches, precision))
             med = {k: statistics.median(v) for k, v in times.items()}
             mfu = flops / med["mt"] / peak
@@ -273,8 +281,8 @@ def main() -> int:
             times = {name: [] for name in models}
             for name in models:
                 decode_run(name, cast[name], vocab, lines[:args.decode_batch], 3, args.decode_batch)
-            for _ in range(max(1, args.reps // 2)):
-                for name in models:
+            for rep in range(max(1, args.reps // 2)):
+                for name in in_turn(models, rep):
                     times[name].append(decode_run(name, cast[name], vocab, lines, args.out_len, args.decode_batch))
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append((f"beam-4 sentences/s {precision}", len(lines) / med["mt"], len(lines) / med["hf"],

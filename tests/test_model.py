@@ -372,6 +372,39 @@ def test_bf16_cpu_training_attention_equals_sdpa_in_float32(cross, extra, monkey
         assert torch.equal(dropping.eval()(x, *args), out)
 
 
+@pytest.mark.parametrize("keys", [5, 21])  # shorter than mt.model.SOFTMAX_MIN_ROW, and longer
+def test_bf16_cpu_attention_of_a_decoding_step_equals_sdpa_in_float32(keys, monkeypatch):
+    # Inference in bf16 with few queries (a decoding step: the beams of each sentence over its source) takes
+    # the spelled-out path; a source row of padding only must attend to nothing there too.
+    calls = []
+    spelled_out = mt.model.MultiHeadAttention._attend_bf16_cpu
+    monkeypatch.setattr(mt.model.MultiHeadAttention, "_attend_bf16_cpu",
+                        lambda self, *a: calls.append(1) or spelled_out(self, *a))
+    torch.manual_seed(0)
+    attn = mt.model.MultiHeadAttention(D, H, attention_dropout=0.0, cross=True).eval()
+    x, memory = torch.randn(3 * 4, 1, D), torch.randn(3, keys, D)
+    pad = torch.zeros(3, keys, dtype=torch.bool)
+    pad[1, keys - 2:] = True
+    pad[2] = True  # nothing to see
+    mask = padding_mask(pad)
+    k, v = attn.project_kv(memory)
+    with torch.no_grad():
+        ref = attn.attend_grouped(x, k, v, mask, group=4)  # float32: SDPA
+        got = attn.to(torch.bfloat16).attend_grouped(x.bfloat16(), k.bfloat16(), v.bfloat16(), mask, group=4)
+    assert calls and got.dtype == torch.bfloat16 and not got.isnan().any()
+    assert_close(got.float(), ref, atol=0.03, rtol=0.03)
+
+
+def test_bf16_cpu_attention_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    attn = mt.model.MultiHeadAttention(D, H, attention_dropout=0.0, cross=True)
+    x, memory = torch.randn(3, 5, D), torch.randn(3, 7, D)
+    mask = padding_mask(torch.tensor([[False] * 7, [False] * 4 + [True] * 3, [False] * 6 + [True]]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(attn)(x, memory, mask)
+    assert explained.graph_break_count == 0
+
+
 def test_bf16_cpu_attention_keeps_sdpas_causal_alignment_and_zeros_for_rows_that_see_nothing():
     torch.manual_seed(0)
     attn = mt.model.MultiHeadAttention(D, H, attention_dropout=0.0)

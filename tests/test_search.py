@@ -459,3 +459,57 @@ def test_cached_decoding_agrees_with_recomputing_the_whole_prefix(model):
                 prefix.append(tok)
             assert hyp(out, i) == prefix[1:], i
             assert out.scores[i, 0].item() == pytest.approx(total, abs=1e-4)
+
+
+# ---- the CPU fast paths of a search step
+
+
+def test_block_top_k_equals_topk_with_ties_and_minus_infinity():
+    from mt.search import _block_length, _top_k
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(50, 4 * 8000, generator=g) * 3).round(decimals=1)  # many exact ties
+    x[::5, 100:20000] = -math.inf
+    x[7] = -math.inf  # a row with nothing finite
+    assert _block_length(x.size(1), 8) is not None  # the block path is taken
+    values, index = _top_k(x, 8)
+    ref = x.topk(8, dim=1)
+    assert torch.equal(values, ref.values)
+    assert torch.equal(x.gather(1, index), values)  # the indices point at those values
+    assert all(len(set(row.tolist())) == 8 for row in index)  # and never twice at one
+    assert _block_length(4 * 8009, 8) is None  # 8009 is prime: no block length, plain topk
+    assert _block_length(44, 8) is None  # too few elements for more than 4k blocks
+
+
+def test_beam_search_through_block_top_k_equals_plain_topk(monkeypatch):
+    import mt.search
+    from mt.config import ModelConfig
+    from mt.model import Transformer
+
+    torch.manual_seed(0)
+    big = Transformer(ModelConfig(d_model=32, n_heads=2, n_layers=1, d_ff=64, dropout=0.0), 8000, 8000,
+                      pad_id=PAD).eval()
+    src = torch.randint(4, 8000, (5, 7))
+    src[:, -1], src[2:, 4:] = EOS, PAD
+    src[2:, 3] = EOS
+    kw = dict(**IDS, beam_size=4, nbest=4, max_len_b=6)
+    assert mt.search._block_length(4 * 8000, 8) is not None
+    blocks = beam_search(big, src, **kw)
+    monkeypatch.setattr(mt.search, "_top_k", lambda x, k: x.topk(k, dim=1))
+    plain = beam_search(big, src, **kw)
+    assert torch.equal(blocks.tokens, plain.tokens) and torch.equal(blocks.lengths, plain.lengths)
+    assert torch.equal(blocks.scores, plain.scores)
+
+
+def test_the_limit_pass_is_skipped_only_below_the_shortest_limit():
+    from mt.search import _constrain_, _limit_range
+
+    g = torch.Generator().manual_seed(0)
+    lprobs = torch.randn(6, V, generator=g).log_softmax(-1)
+    limit = torch.tensor([3, 5, 4, 3, 6, 5])
+    lo, hi = _limit_range(limit)
+    assert (lo, hi) == (3, 6) and _limit_range(limit[:0]) == (0, 0)
+    for length in range(1, 8):
+        full = _constrain_(lprobs.clone(), length, limit, eos=EOS, pad=PAD, min_len=2)
+        fast = _constrain_(lprobs.clone(), length, limit, eos=EOS, pad=PAD, min_len=2, shortest_limit=lo)
+        assert torch.equal(full, fast), length

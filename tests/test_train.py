@@ -89,6 +89,31 @@ def test_label_smoothed_loss_reusing_the_logits_gives_the_same_gradient_and_auto
         loss.backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_label_smoothed_loss_gradient_survives_the_scale_of_a_real_step(dtype):
+    # The trainer differentiates loss * world / n_tokens, and fp16 with GradScaler multiplies by 2^16 on top.
+    # fp16 must round the gradient once, after scaling: rounded before, eps / V (3e-6 at 32k) is subnormal.
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(64, 32000)).to(dtype).requires_grad_()
+    target = torch.randint(1, 32000, (64,))
+    scale = (2.0 ** 16 if dtype == torch.float16 else 1.0) / 3000
+    loss, _ = label_smoothed_loss(logits, target, 0.1, pad=0)
+    (loss * scale).backward()
+    ref = logits.detach().double().requires_grad_()
+    (F.cross_entropy(ref, target, label_smoothing=0.1, ignore_index=0, reduction="sum") * scale).backward()
+    expected = ref.grad.to(dtype).double()  # the exact gradient, rounded once
+    if dtype == torch.float16:
+        torch.testing.assert_close(logits.grad.double(), expected, rtol=2 ** -10, atol=2 ** -24)
+    else:  # bf16 rounds twice (stored, then scaled): within two of its ulps
+        torch.testing.assert_close(logits.grad.double(), expected, rtol=2 ** -7, atol=0)
+
+
+def test_label_smoothed_loss_will_not_overwrite_a_leaf():
+    leaf = torch.randn(4, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf"):
+        label_smoothed_loss(leaf, torch.tensor([1, 2, 0, 3]), 0.1, pad=0, reuse_logits=True)
+
+
 def test_label_smoothed_loss_backward_twice_is_an_error():
     logits = torch.randn(4, 5, requires_grad=True)
     loss, _ = label_smoothed_loss(logits, torch.tensor([1, 2, 0, 3]), 0.1, pad=0)
