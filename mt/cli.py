@@ -95,8 +95,9 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha (default: decode.length_penalty)")
     p.add_argument("--method", choices=("beam", "greedy", "sample"), help="search method (default: beam)")
     p.add_argument("--max-tokens", type=int, help="source tokens per batch (default: decode.max_tokens)")
-    p.add_argument("--precision", choices=("fp32", "bf16"),
-                   help="weights to search with: bf16 is faster on GPUs and CPUs with bf16 matmuls (default: fp32)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"),
+                   help="weights to search with: bf16 is faster on GPUs and CPUs with bf16 matmuls; auto picks it "
+                        "where they have them (default: decode.precision, fp32)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
 
 

@@ -114,7 +114,7 @@ class DecodeConfig:
     """Search (Section 6.1: beam 4, length penalty 0.6, max output length input + 50)."""
 
     method: str = "beam"  # beam | greedy | sample
-    precision: str = "fp32"  # fp32 | bf16: the weights search runs with (bf16: faster where matmuls have it)
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where native): the weights search runs with
     beam_size: int = 4
     length_penalty: float = 0.6
     nbest: int = 1
@@ -142,7 +142,7 @@ CHOICES = {
     ("train", "best_metric"): ("bleu", "loss"),
     ("train", "lr_schedule"): ("inverse_sqrt", "linear"),
     ("decode", "method"): ("beam", "greedy", "sample"),
-    ("decode", "precision"): ("fp32", "bf16"),
+    ("decode", "precision"): ("fp32", "bf16", "auto"),
 }
 
 

@@ -33,6 +33,7 @@ from mt.checkpoint import (build_model, link_or_copy, load_checkpoint, model_spe
 from mt.config import Config, TrainConfig, to_dict
 from mt.data import EOS, PAD, Batch, PreparedData, collate, iterate_batches, make_batches, read_corpus
 from mt.errors import MTError
+from mt.model import native_bf16
 from mt.search import greedy_search
 
 log = logging.getLogger(__name__)
@@ -197,19 +198,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matrix products natively: a CUDA GPU from Ampere on, or an x86 CPU with
-    AVX512-BF16 or AMX (on an AVX512-BF16 CPU an hour of Multi30k training made 1.6x the float32 run's steps).
-    Elsewhere bf16 products are emulated through float32, which gains nothing, so `auto` keeps float32 there
-    (ARM CPUs with bf16 instructions included: not detected, not measured)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8  # this device, not the current one
-    if device.type == "cpu":
-        return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                        "_is_amx_tile_supported"))
-    return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -78,6 +78,17 @@ def test_bf16_search_runs_in_bf16_and_agrees_with_fp32(tiny_checkpoint):
     assert not torch.equal(b.scores[same], a.scores[same])  # and it was computed differently
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_searches_in_bf16_only_where_it_is_native(tiny_checkpoint, monkeypatch, native):
+    import torch
+
+    import mt.translate
+
+    monkeypatch.setattr(mt.translate, "native_bf16", lambda device: native)
+    t = load_translator(tiny_checkpoint, search_overrides=["decode.precision=auto"], device="cpu")
+    assert {p.dtype for p in t.model.parameters()} == {torch.bfloat16 if native else torch.float32}
+
+
 def test_nbest_lists_give_n_scored_hypotheses_per_line(tiny_checkpoint, tmp_path):
     src = tmp_path / "in.de"
     src.write_text("Ein Hund läuft.\nZwei Männer.\n", encoding="utf-8")
