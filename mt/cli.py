@@ -122,9 +122,10 @@ def keep_freed_memory() -> bool:
 
     glibc serves blocks over 32 MiB (the logits of a 4k-token batch over an 8k vocabulary: 65 MB) with
     fresh mmaps and trims freed heap, so each training step faults its largest tensors' pages in again. With
-    both thresholds raised, 80 bf16 steps of configs/multi30k.yaml took 0.80M page faults instead of 2.08M
-    and ran +6.5% tokens/s (three alternating pairs on a 2-core CPU), for +9% peak RSS. Not done where the user
-    set glibc's own knobs (MALLOC_*_THRESHOLD_, GLIBC_TUNABLES) or where the C library is not glibc.
+    both thresholds raised, 80 bf16 steps of configs/multi30k.yaml took 0.78-0.80M page faults instead of
+    2.08-2.16M and ran +6.5% and +2.6% tokens/s (two sets of three alternating pairs on a 2-core CPU), for
+    3-9% more peak RSS. Not done where the user set glibc's own knobs (MALLOC_*, GLIBC_TUNABLES) or where the
+    C library is not glibc.
     """
     import os
 

@@ -176,6 +176,14 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision` or `decode.precision` on `device`: `auto` becomes bf16 where it is native (see
+    `native_bf16`), else fp32; the others stay as they are."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 # --------------------------------------------------------------------------------------------------------
 # Section 3.2: multi-head attention
 
@@ -286,8 +294,8 @@ class MultiHeadAttention(nn.Module):
             scores = products.new_full((*products.shape[:-1], SOFTMAX_MIN_ROW), float("-inf"), dtype=torch.float32)
             scores[..., :lk] = products
         scores.mul_(self.d_head ** -0.5)
-        # The masks are added as 0 / -inf: a broadcast add is vectorised where a broadcast masked_fill_ is not
-        # (~5x slower here), and its backward is free.
+        # The masks are added as 0 / -inf: a broadcast masked_fill_ took 0.09-0.10 ms on 170 x 4 x 12 x 12
+        # scores against 0.03-0.04 for the add (the bias built included), and the add's backward is free.
         if causal:  # aligned at the top left, as `is_causal`: query i sees keys 0..i
             scores[..., :lk] += torch.full((lq, lk), float("-inf"), device=q.device).triu_(1)
         if mask is not None:

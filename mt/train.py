@@ -33,7 +33,7 @@ from mt.checkpoint import (build_model, link_or_copy, load_checkpoint, model_spe
 from mt.config import Config, TrainConfig, to_dict
 from mt.data import EOS, PAD, Batch, PreparedData, collate, iterate_batches, make_batches, read_corpus
 from mt.errors import MTError
-from mt.model import native_bf16
+from mt.model import resolve_precision
 from mt.search import greedy_search
 
 log = logging.getLogger(__name__)
@@ -198,13 +198,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`train.precision` on `device`: `auto` becomes bf16 where it is native (see `native_bf16`), else fp32."""
-    if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(device) else "fp32"
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -22,7 +22,7 @@ from mt.checkpoint import load_for_inference
 from mt.config import DecodeConfig, apply_override, from_dict, to_dict, validate, Config
 from mt.data import BOS, EOS, PAD, Vocab, make_batches, pad_sentences
 from mt.io import atomic_open, read_lines
-from mt.model import Transformer, native_bf16
+from mt.model import Transformer, resolve_precision
 from mt.search import SearchOutput, beam_search, greedy_search, sample
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ def load_translator(checkpoint: str | Path, overrides: Iterable[str] = (), searc
     validate(cfg, f"{checkpoint} (with overrides)")
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Search reads log-probs in float32 whatever the weights are (search.py calls .float() on the logits).
-    bf16 = cfg.decode.precision == "bf16" or (cfg.decode.precision == "auto" and native_bf16(dev))
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = torch.bfloat16 if resolve_precision(cfg.decode.precision, dev) == "bf16" else torch.float32
     return Translator(model.to(dev, dtype), vocab, cfg.decode, dev)
 
 

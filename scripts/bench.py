@@ -7,10 +7,9 @@
 
 For each system it times (median of --reps repetitions, the two systems back to back in each, in turns):
   * a training step (forward, label-smoothed loss, backward, Adam) on the same Multi30k token batches, each
-    system with its own label smoothing (mt's loss as its trainer calls it; HF's Trainer's
-    LabelSmoother), fp32
-    and bf16 autocast: target tokens/s, and mt's model FLOPs utilisation against a matmul peak measured in
-    this run;
+    system with its own label smoothing (mt's loss as its trainer calls it; HF's Trainer's LabelSmoother),
+    fp32 and bf16 autocast: target tokens/s, and mt's model FLOPs utilisation against a matmul peak measured
+    in this run;
   * beam-4 decoding of the same 500 test_2016_flickr sentences with the output length fixed (end of
     sentence suppressed for both, so both do the same work), with fp32 weights and with both models cast to
     bf16: sentences/s;

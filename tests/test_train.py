@@ -16,6 +16,7 @@ from mt.checkpoint import average_checkpoints, load_checkpoint, load_for_inferen
 from mt.config import TrainConfig, load_config
 from mt.data import prepare_data
 from mt.errors import MTError
+import mt.model
 from mt import train as train_module
 from mt.train import Trainer, label_smoothed_loss, learning_rate
 
@@ -326,7 +327,7 @@ def test_auto_precision_is_bf16_only_where_the_device_has_it_natively(monkeypatc
 
 @pytest.mark.parametrize("native", [True, False])
 def test_trainer_with_auto_precision_trains_in_what_it_resolved(tmp_path, monkeypatch, native):
-    monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+    monkeypatch.setattr(mt.model, "native_bf16", lambda device: native)
     used = []
     real_autocast = train_module.autocast
     monkeypatch.setattr(train_module, "autocast", lambda p, d: used.append(p) or real_autocast(p, d))
