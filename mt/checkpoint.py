@@ -21,6 +21,7 @@ from mt.config import Config, ModelConfig, from_dict, to_dict
 from mt.data import PAD, Vocab
 from mt.errors import MTError
 from mt.io import atomic_open
+from mt.fast import speed_up
 from mt.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,11 @@ def model_spec(cfg: ModelConfig, vocab: Vocab) -> dict[str, Any]:
             "pad_id": PAD, "share_all_embeddings": vocab.joint}
 
 
-def build_model(spec: dict[str, Any]) -> Transformer:
-    return Transformer(from_dict(ModelConfig, spec["cfg"], "<checkpoint>"), spec["src_vocab_size"],
-                       spec["tgt_vocab_size"], pad_id=spec["pad_id"],
-                       share_all_embeddings=spec["share_all_embeddings"])
+def build_model(spec: dict[str, Any], fast: bool = True) -> Transformer:
+    """The model `spec` describes, with mt.fast's kernels unless `fast` is False (the plain reference)."""
+    model = Transformer(from_dict(ModelConfig, spec["cfg"], "<checkpoint>"), spec["src_vocab_size"],
+                        spec["tgt_vocab_size"], pad_id=spec["pad_id"], share_all_embeddings=spec["share_all_embeddings"])
+    return speed_up(model) if fast else model
 
 
 def vocab_state(vocab: Vocab) -> dict[str, Any]:

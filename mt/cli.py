@@ -117,30 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks for reuse instead of returning them to the kernel. Returns whether it did.
-
-    glibc serves blocks over 32 MiB (the logits of a 4k-token batch over an 8k vocabulary: 65 MB) with
-    fresh mmaps and trims freed heap, so each training step faults its largest tensors' pages in again. With
-    both thresholds raised, 80 bf16 steps of configs/multi30k.yaml took 0.78-0.80M page faults instead of
-    2.08-2.16M and ran +6.5% and +2.6% tokens/s (two sets of three alternating pairs on a 2-core CPU), for
-    3-9% more peak RSS. Not done where the user set glibc's own knobs (MALLOC_*, GLIBC_TUNABLES) or where the
-    C library is not glibc.
-    """
-    import os
-
-    if sys.platform != "linux" or any(k.startswith(("MALLOC_", "GLIBC_TUNABLES")) for k in os.environ):
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, (1 << 31) - 1))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from mt.config import load_config, save_config
 
@@ -149,12 +125,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from mt.data import batch_stats, make_batches, prepare_data
-    from mt.train import init_distributed, resolve_device, train
+    from mt.runtime import init_distributed, keep_freed_memory, resolve_device
+    from mt.train import train
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun, rank 0 learns the vocabulary and writes the cache while the others wait, then reuse it.
-    rank, world = (0, 1) if args.prepare_only else init_distributed(resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
+    rank, world = (0, 1) if args.prepare_only else init_distributed(device)
     if rank > 0:
         torch.distributed.barrier()
     else:
@@ -172,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  if world > 1 else ""))
     if args.prepare_only:
         return 0
-    keep_freed_memory()
+    keep_freed_memory(device)
 
     result = train(cfg, data, resume=args.resume)
     if rank == 0:

@@ -65,6 +65,7 @@ class ModelConfig:
     activation_dropout: float = 0.0
     norm: str = "post"  # "post": LayerNorm(x + Sublayer(x)) as in the paper; "pre": x + Sublayer(LayerNorm(x))
     tie_embeddings: bool = True  # Section 3.4: target embedding = pre-softmax projection
+    embed_init: str = "xavier"  # xavier: Xavier-uniform, as every matrix | normal: N(0, d_model^-0.5), as fairseq
     max_positions: int = 1024  # sinusoid table size; extended on demand for longer inputs
     activation_checkpointing: bool = False
 
@@ -86,6 +87,9 @@ class TrainConfig:
     max_time_minutes: float = 0.0  # wall-time budget; 0: no limit
     patience: int = 0  # validations without improvement before stopping; 0: never stop early
     label_smoothing: float = 0.1
+    # The smoothing mass epsilon goes to all V types (fairseq), or with smoothing_excludes_pad to the V - 2
+    # types other than the reference and padding (JoeyNMT, OpenNMT).
+    smoothing_excludes_pad: bool = False
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-9
     weight_decay: float = 0.0
@@ -138,6 +142,7 @@ class Config:
 CHOICES = {
     ("data", "spm_model_type"): ("unigram", "bpe", "char", "word"),
     ("model", "norm"): ("post", "pre"),
+    ("model", "embed_init"): ("xavier", "normal"),
     ("train", "precision"): ("fp32", "bf16", "fp16", "auto"),
     ("train", "best_metric"): ("bleu", "loss"),
     ("train", "lr_schedule"): ("inverse_sqrt", "linear"),

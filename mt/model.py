@@ -11,17 +11,15 @@ vocabulary V. Attention masks follow `scaled_dot_product_attention`'s boolean co
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from mt.config import ModelConfig
+from mt.decoder_state import DecoderState, append_to_cache
 
 # Self-attention cache positions allocated by `start_decoding` when the caller gives no max_len; the cache
 # doubles whenever it fills.
@@ -78,52 +76,6 @@ def train_flops_per_token(cfg: ModelConfig, tgt_vocab_size: int, src_len: int, t
 
 
 # --------------------------------------------------------------------------------------------------------
-# Section 5.4: dropout
-
-
-class Dropout(nn.Module):
-    """nn.Dropout (Section 5.4: zero each element with probability p, scale the rest by 1 / (1 - p)), with a
-    faster mask on the CPU.
-
-    PyTorch's CPU dropout draws its mask with `bernoulli_`, one random number per element. Here each element
-    gets 16 random bits instead (four per 64-bit draw) and is kept when they are at or above round(p * 2^16):
-    for 2M elements the mask took 2.6 ms, against 15.5 ms with `bernoulli_` and 7.8 ms comparing float
-    uniforms with p. The keep probability is within 2^-17 of 1 - p, and kept elements are scaled by the
-    exact inverse of it. CUDA keeps the fused kernel.
-    """
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-        drop = round(p * 65536)
-        self._threshold = drop - 32768  # on bits read as int16, uniform over [-32768, 32767]
-        self._scale = 65536 / (65536 - drop) if drop < 65536 else 0.0
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
-        # The full 64-bit range: with no bounds, random_ leaves the sign bit of an int64 zero.
-        bits.random_(-2 ** 63, None)
-        # The comparison writes the mask as 0/1 numbers, so that applying it here and in the backward pass is
-        # a plain multiplication: a boolean mask goes through `where`, ~2x slower on a CPU. 0.5M elements,
-        # forward + backward: bf16 0.44 ms with a bf16 mask, 0.47 ms with a uint8 one, 0.96 ms with `where`;
-        # float32 0.67 ms with a float32 mask, 1.02 ms with uint8, 1.47 ms with `where`. The mask takes x's
-        # dtype where that is 2 bytes (the bf16 training step 3-8% faster than with `where`), and a byte
-        # elsewhere, so a float32 run saves no 4-byte masks. The scale is applied in float32 or wider, rounded
-        # once.
-        mask_dtype = x.dtype if x.element_size() <= 2 else torch.uint8
-        keep = torch.ge(bits.view(torch.int16)[:x.numel()].view(x.shape), self._threshold,
-                        out=torch.empty(x.shape, dtype=mask_dtype, device=x.device))
-        return (x * keep).mul_(self._scale)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-# --------------------------------------------------------------------------------------------------------
 # Sections 3.4, 3.5: embeddings and positional encodings
 
 
@@ -135,7 +87,7 @@ class Embeddings(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
         self.scale = math.sqrt(d_model)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         # Not persistent: it is a function of its shape, so checkpoints need not carry it.
         self.register_buffer("pe", sinusoids(max_positions, d_model), persistent=False)
 
@@ -160,57 +112,21 @@ class Embeddings(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Precision: where bf16 is native (`auto` in training and search)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matrix products natively: a CUDA GPU from Ampere on, or an x86 CPU with
-    AVX512-BF16 or AMX (on an AVX512-BF16 CPU an hour of Multi30k training made 1.6x the float32 run's steps).
-    Elsewhere bf16 products are emulated through float32, which gains nothing, so `auto` keeps float32 there
-    (ARM CPUs with bf16 instructions included: not detected, not measured)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8  # this device, not the current one
-    if device.type == "cpu":
-        return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                        "_is_amx_tile_supported"))
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`train.precision` or `decode.precision` on `device`: `auto` becomes bf16 where it is native (see
-    `native_bf16`), else fp32; the others stay as they are."""
-    if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(device) else "fp32"
-
-
-# --------------------------------------------------------------------------------------------------------
 # Section 3.2: multi-head attention
 
 
-SOFTMAX_MIN_ROW = 16  # see MultiHeadAttention._attend_bf16_cpu
-SPELLED_OUT_MAX_QUERIES = 16  # bf16 CPU inference: up to this many queries by _attend_bf16_cpu, more by SDPA
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False,
+                   dropout_p: float = 0.0) -> Tensor:
+    """Equation 1, softmax(Q K^T / sqrt(d_k)) V, per head, with dropout on the probabilities (Section 5.4).
 
-
-def sdpa_backends_without_cudnn() -> list[SDPBackend]:
-    """SDPA's GPU kernels that are enabled (torch.backends.cuda), cuDNN's left out.
-
-    With a padding mask FlashAttention does not apply, and where cuDNN's kernel is next in line (PyTorch 2.11
-    on an H200) it builds a graph for every new shape: batches of varied lengths meet hundreds of shapes, and
-    each step of an incremental decoder a new one. Measured there, the first 300 bf16 steps of the Multi30k
-    config took 41.8 s with cuDNN's kernel and 6.9 s with the memory-efficient one, at the same speed once
-    every shape had been seen. Read at each call, so a user's own choice of backends still holds.
+    q (B, H, Lq, Dh), k and v (B, H, Lk, Dh), mask broadcastable to (B, H, Lq, Lk), True where a query may
+    attend; causal: query i sees keys 0..i (Section 3.2.3) -> (B, H, Lq, Dh).
     """
-    cuda = torch.backends.cuda
-    return [backend for backend, on in ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
-                                        (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
-                                        (SDPBackend.MATH, cuda.math_sdp_enabled())) if on]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
 
 class MultiHeadAttention(nn.Module):
-    """Section 3.2.2: Equation 1 with the 1/sqrt(d_k) scale, computed by `scaled_dot_product_attention`, or
-    in bf16 on a CPU, for training and for incremental decoding, by `_attend_bf16_cpu`, which keeps its
-    semantics.
+    """Section 3.2.2: h heads of Equation 1 over learned projections, concatenated and projected by W^O.
 
     Self-attention projects queries, keys and values with one fused matrix (one matrix product instead of
     three). Cross-attention projects the queries alone and the memory's keys and values with a second fused
@@ -220,8 +136,9 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, attention_dropout: float, cross: bool = False):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_model // n_heads
-        # Dropout on the attention probabilities: its p goes to scaled_dot_product_attention, which drops inside.
-        self.probs_dropout = Dropout(attention_dropout)
+        self.dropout_p = attention_dropout  # on the attention probabilities, applied inside the kernel
+        # Equation 1 itself; mt.fast.speed_up swaps in a faster kernel with the same arguments and result.
+        self.kernel = sdpa_attention
         self.cross = cross
         if cross:
             self.q_proj = nn.Linear(d_model, d_model)
@@ -253,59 +170,11 @@ class MultiHeadAttention(nn.Module):
 
         Heads are concatenated and projected by W^O (Section 3.2.2).
         """
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and (torch.is_grad_enabled()
-                                                                     or q.size(-2) <= SPELLED_OUT_MAX_QUERIES):
-            out = self._attend_bf16_cpu(q, k, v, mask, causal)
-        elif q.device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
-            # cuDNN's kernel rebuilds itself per shape (see sdpa_backends_without_cudnn): left out, unless a
-            # user turned every other kernel off.
-            backends = sdpa_backends_without_cudnn()
-            with sdpa_kernel(backends) if backends else contextlib.nullcontext():
-                out = self._sdpa(q, k, v, mask, causal)
-        else:
-            out = self._sdpa(q, k, v, mask, causal)
+        out = self.kernel(q, k, v, mask, causal, self.dropout_p if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        p = self.probs_dropout.p if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
-
-    def _attend_bf16_cpu(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        """Equation 1 spelled out, for bf16 training on a CPU: the two products in bf16, the softmax in float32.
-        Shapes as `attend`'s -> (B, H, Lq, Dh).
-
-        PyTorch's CPU flash attention has a bf16 backward ~6x slower than its float32 one. Forward + backward,
-        these two batched products measured 1.1-3.8x faster than the fused kernel in float32 (inputs cast or
-        not) for 64 sentences of 32 tokens and 20 of 100, the lengths of translation; at 250 tokens the fused
-        kernel was up to 1.3x faster. Forward only, for the few queries of a decoding step (1 per row, or the
-        beams of a sentence over its source), the fused bf16 kernel took 1.8 ms against 0.4 for 400 rows over
-        20 cached positions, and 0.6-0.8 ms against 0.3 for 100 x 4 beams over 12-30 source tokens; over
-        whole sentences of 100+ tokens it is the faster one, so in inference it keeps the queries of
-        batches longer than SPELLED_OUT_MAX_QUERIES (an encoder pass over shorter ones comes here too).
-        """
-        products = torch.matmul(q, k.transpose(-2, -1))  # (B, H, Lq, Lk) bf16
-        lq, lk = products.shape[-2:]
-        # PyTorch's CPU softmax runs rows shorter than 16 without its vector code: 8,000 rows of 12 took 0.86 ms
-        # forward and 0.37 ms backward, against 0.10 and 0.02 ms for rows of 16. Short rows (about half of
-        # Multi30k's batches have a side that short) get columns of -inf up to 16: probability zero.
-        if lk >= SOFTMAX_MIN_ROW:
-            scores = products.float()
-        else:
-            scores = products.new_full((*products.shape[:-1], SOFTMAX_MIN_ROW), float("-inf"), dtype=torch.float32)
-            scores[..., :lk] = products
-        scores.mul_(self.d_head ** -0.5)
-        # The masks are added as 0 / -inf: a broadcast masked_fill_ took 0.09-0.10 ms on 170 x 4 x 12 x 12
-        # scores against 0.03-0.04 for the add (the bias built included), and the add's backward is free.
-        if causal:  # aligned at the top left, as `is_causal`: query i sees keys 0..i
-            scores[..., :lk] += torch.full((lq, lk), float("-inf"), device=q.device).triu_(1)
-        if mask is not None:
-            scores[..., :lk] += torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1)[..., :lk]
-        # A query that may see no key attends to nothing (zeros, as SDPA), not NaN. Reading the mask costs a CPU
-        # nothing, and skips two passes when every query sees a key; a compiled graph would break on the read.
-        if mask is not None and (torch.compiler.is_compiling() or not bool(mask.any(dim=-1).all())):
-            probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)  # softmax's backward needs its output
-        return torch.matmul(self.probs_dropout(probs.to(q.dtype)), v)
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel.__module__}.{self.kernel.__name__}"
 
     def attend_grouped(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor, group: int) -> Tensor:
         """Cross-attention of one target position for rows in groups of `group` consecutive rows that share a
@@ -340,7 +209,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
-        self.dropout = Dropout(activation_dropout)
+        self.dropout = nn.Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, L, D) -> (B, L, D)."""
@@ -358,7 +227,7 @@ class Residual(nn.Module):
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
@@ -408,17 +277,17 @@ class DecoderLayer(nn.Module):
         x = self.res_cross(x, lambda y: self.cross_attn(y, memory, mask))
         return self.res_ffn(x, self.ffn)
 
-    def step(self, x: Tensor, cache: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor], step: int,
+    def step(self, x: Tensor, cache: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor], position: int,
              mask: Tensor, group: int = 1) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """One target position. x (B, 1, D) at position `step`; cache: self-attention keys and values, each
-        (B, H, capacity, Dh), filled for positions < step; cross_kv: each (B / group, H, S, Dh), shared by
+        """One target position. x (B, 1, D) at `position`; cache: self-attention keys and values, each
+        (B, H, capacity, Dh), filled for positions < position; cross_kv: each (B / group, H, S, Dh), shared by
         groups of `group` consecutive rows; mask (B / group, 1, 1, S) -> (B, 1, D) and the cache with this
         position's keys and values written (grown if it was full)."""
         def self_attention(y: Tensor) -> Tensor:
             nonlocal cache
             q, k, v = self.self_attn.project_qkv(y)
-            cache, keys, values = append_to_cache(cache, k, v, step)
-            # Positions 0..step are all this query may see: the look-ahead mask has nothing left to hide.
+            cache, keys, values = append_to_cache(cache, k, v, position)
+            # Positions 0..position are all this query may see: the look-ahead mask has nothing left to hide.
             return self.self_attn.attend(q, keys, values)
 
         def cross_attention(y: Tensor) -> Tensor:
@@ -430,89 +299,11 @@ class DecoderLayer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The incremental decoder's state
-
-
-def append_to_cache(cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor,
-                    step: int) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor]:
-    """Write position `step`'s keys and values into a layer's self-attention cache.
-
-    cache: keys and values, each (B, H, capacity, Dh), filled for positions < step; k, v (B, H, 1, Dh).
-    Returns the cache (the same tensors, or new ones of doubled capacity when it was full) and the keys and
-    values of positions 0..step, each (B, H, step + 1, Dh), views into it. Doubling makes appends amortised
-    O(1) copies instead of a torch.cat of the whole history at every step.
-    """
-    cache_k, cache_v = cache
-    if step >= cache_k.size(2):
-        capacity = max(2 * cache_k.size(2), step + 1)
-        cache_k, cache_v = _resize(cache_k, step, capacity), _resize(cache_v, step, capacity)
-    cache_k[:, :, step:step + 1] = k
-    cache_v[:, :, step:step + 1] = v
-    return (cache_k, cache_v), cache_k[:, :, :step + 1], cache_v[:, :, :step + 1]
-
-
-def _resize(buffer: Tensor, filled: int, capacity: int, index: Tensor | None = None) -> Tensor:
-    """A new (B', H, capacity, Dh) buffer holding the first `filled` positions of buffer (B, H, _, Dh), rows
-    picked by `index` (B',) when given. Positions from `filled` on are left uninitialised: never read."""
-    rows = buffer.size(0) if index is None else index.size(0)
-    out = buffer.new_empty(rows, buffer.size(1), capacity, buffer.size(3))
-    head = buffer[:, :, :filled]
-    out[:, :, :filled] = head if index is None else head.index_select(0, index)
-    return out
-
-
-@dataclass
-class DecoderState:
-    """Everything the incremental decoder carries between steps for B rows: sentences, or sentences x beams.
-
-    Rows come in groups of `group` consecutive rows that decode the same sentence (the beams of beam search;
-    1 otherwise) and share one row of the memory and its cross-attention keys and values, so those hold
-    N = B / group rows. `decode_step` writes into the self-attention caches in place and advances `step`;
-    `select` builds a new state. Only the first `step` positions of a self-attention cache are meaningful.
-    """
-
-    memory: Tensor  # (N, S, D): the encoder's output
-    src_pad: Tensor  # (N, S) bool, True at padding
-    cross_kv: list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values, each (N, H, S, Dh)
-    self_kv: list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values, each (B, H, capacity, Dh)
-    step: int = 0  # tokens fed so far
-    group: int = 1  # rows per sentence
-
-    @property
-    def capacity(self) -> int:
-        """Positions the self-attention caches hold before they next grow."""
-        return self.self_kv[0][0].size(2) if self.self_kv else 0
-
-    def select(self, index: Tensor, sentences: Tensor | None = None) -> "DecoderState":
-        """A new state whose row i is this state's row index[i]: index (B',) long, on the state's device.
-
-        Greedy search prunes finished sentences with it (group 1: the memory follows `index`). Beam search
-        (group > 1) reorders beams within their sentences and prunes whole sentences: `index` must then keep
-        each new group's rows inside one old group, and `sentences` (B' / group,) names the old group
-        (memory row) of each new group; None keeps every sentence where it is, and the memory is not copied.
-        Copies the filled part of each self-attention cache only; the capacity is kept.
-        """
-        if sentences is None and self.group == 1:
-            sentences = index
-        if sentences is None:
-            memory, src_pad, cross_kv = self.memory, self.src_pad, self.cross_kv
-        else:
-            memory, src_pad = self.memory.index_select(0, sentences), self.src_pad.index_select(0, sentences)
-            cross_kv = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_kv]
-        return DecoderState(
-            memory=memory, src_pad=src_pad, cross_kv=cross_kv,
-            self_kv=[(_resize(k, self.step, k.size(2), index), _resize(v, self.step, v.size(2), index))
-                     for k, v in self.self_kv],
-            step=self.step, group=self.group,
-        )
-
-
-# --------------------------------------------------------------------------------------------------------
 # The model
 
 
 class Transformer(nn.Module):
-    """The encoder-decoder of Section 3. `forward` returns logits; the loss lives in mt.train.
+    """The encoder-decoder of Section 3. `forward` returns logits; the loss lives in mt.loss.
 
     share_all_embeddings (a joint source-target vocabulary): one matrix for the source and the target
     embeddings. The target embedding is the pre-softmax projection when cfg.tie_embeddings (Section 3.4).
@@ -546,7 +337,9 @@ class Transformer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Xavier-uniform weight matrices (Glorot & Bengio, 2010), zero biases, unit LayerNorm gains and a zero
-        padding embedding, as The Annotated Transformer initialises the model.
+        padding embedding, as The Annotated Transformer initialises the model. With cfg.embed_init "normal",
+        the embeddings and the pre-softmax matrix are drawn from N(0, d_model^-0.5) instead, as fairseq does:
+        scaled by sqrt(d_model) (Section 3.4), an embedding then has unit variance, like the sinusoids.
 
         A fused projection is initialised as the one matrix it is, as nn.MultiheadAttention does: each of
         W^Q, W^K, W^V gets a bound 1/sqrt(2) of its own Xavier bound, the scale fairseq gives its separate
@@ -559,6 +352,9 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             else:  # LayerNorm gains
                 nn.init.ones_(p)
+        if self.cfg.embed_init == "normal":
+            for matrix in (self.src_embed.embed.weight, self.tgt_embed.embed.weight, self.output.weight):
+                nn.init.normal_(matrix, mean=0.0, std=self.cfg.d_model ** -0.5)
         with torch.no_grad():
             self.src_embed.embed.weight[self.pad_id].zero_()
             self.tgt_embed.embed.weight[self.pad_id].zero_()
@@ -625,6 +421,7 @@ class Transformer(nn.Module):
         x = self.tgt_embed(tokens.unsqueeze(1), start=state.step)  # (B, 1, D)
         mask = padding_mask(state.src_pad)
         for i, layer in enumerate(self.decoder):
-            x, state.self_kv[i] = layer.step(x, state.self_kv[i], state.cross_kv[i], state.step, mask, state.group)
+            x, state.self_kv[i] = layer.step(x, state.self_kv[i], state.cross_kv[i], state.step, mask,
+                                            state.group)
         state.step += 1
         return self.output(self.decoder_norm(x)).squeeze(1)

@@ -1,4 +1,4 @@
-"""The training loop: label-smoothed loss, the warmup schedule, mixed precision, validation, checkpoints.
+"""The training loop: the warmup schedule, gradient accumulation, validation, checkpoints.
 
 One optimiser step consumes `update_freq` token batches (gradient accumulation), so a small device reaches
 the paper's ~25k-token batches. The loop never synchronises with the device inside a step: losses are
@@ -15,26 +15,24 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import sacrebleu
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mt.checkpoint import (build_model, link_or_copy, load_checkpoint, model_spec, prune_checkpoints,
-                           save_checkpoint, step_checkpoints, vocab_state, average_checkpoints)
+from mt.checkpoint import (average_checkpoints, build_model, link_or_copy, load_checkpoint, model_spec,
+                           prune_checkpoints, save_checkpoint, step_checkpoints, vocab_state)
 from mt.config import Config, TrainConfig, to_dict
-from mt.data import EOS, PAD, Batch, PreparedData, collate, iterate_batches, make_batches, read_corpus
+from mt.data import Batch, PreparedData, iterate_batches
 from mt.errors import MTError
-from mt.model import resolve_precision
-from mt.search import greedy_search
+from mt.loss import label_smoothed_loss
+from mt.runtime import autocast, init_distributed, resolve_device, resolve_precision, rng_state, set_rng_state
+from mt.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -63,149 +61,8 @@ def learning_rate(step: int, cfg: TrainConfig, d_model: int, done: float = 0.0) 
     return peak * min(step ** -0.5, step * warmup ** -1.5) * warmup ** 0.5
 
 
-# Logits per chunk of the loss on a CPU: a float32 chunk of at most 4 MB. glibc's malloc serves blocks of this
-# size from memory the process already holds, where a whole (n, vocab) float32 tensor (64 MB for 2k tokens x
-# 8k types) or 16 MB chunks are mapped and page-faulted afresh at each step: measured ~5% faster than 16 MB
-# chunks in a bf16 CPU training step, with a third of its page faults. A GPU has a caching allocator, but
-# pays a few kernel launches per chunk: there chunks are 64x larger (256 MB; 12 for 25k tokens x 32k types).
-LOSS_CHUNK_ELEMENTS = 1 << 20
-GPU_LOSS_CHUNK_ELEMENTS = 1 << 26
-
-
-def _loss_chunk_rows(logits: torch.Tensor) -> int:
-    """Rows of the (n, vocab) logits per chunk of the loss, on their device."""
-    elements = LOSS_CHUNK_ELEMENTS if logits.device.type == "cpu" else GPU_LOSS_CHUNK_ELEMENTS
-    return max(1, elements // logits.size(-1))
-
-
-class _LabelSmoothedLoss(torch.autograd.Function):
-    """The loss and the NLL of `label_smoothed_loss`, computed chunk by chunk, with the gradient made in the
-    forward pass.
-
-    Per row, with p = softmax(logits) and lse = log(sum(exp(logits))): nll = lse - logits[target] and the
-    uniform part -mean(log p) = lse - mean(logits). The gradient of the loss with respect to the logits is
-    p - (smoothed target), zero on padding rows. The forward pass computes p anyway, so it writes that gradient
-    and the backward pass only scales it: one softmax over the (n, vocab) logits per step, where a log-softmax
-    forward and a softmax again backward took two (a bf16 step's loss 30% faster on a CPU, 2k x 8k logits).
-    Autograd's version of the same loss keeps a float32 copy of the log-probs and makes five more full-size
-    temporaries, the largest tensors of a training step.
-
-    lse comes from the most likely token: lse = max(logits) - log(max(p)), where max(p) >= 1 / vocab keeps the
-    logarithm well-conditioned. The stored gradient is rounded to the logits' dtype after the target's
-    1 - epsilon is subtracted in float32 (in bf16 a confident p = 0.9 minus 0.9 would keep no digit), and
-    rounded again when backward scales it (bf16: relative error ~2^-8 instead of ~2^-9). fp16 logits keep a
-    float32 gradient until it is scaled: rounded to fp16 unscaled, eps / vocab (3e-6 at 32k) falls below
-    fp16's normal range, which loss scaling exists to avoid.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, epsilon: float, pad: int, reuse_logits: bool):
-        n, V = logits.shape
-        rows = _loss_chunk_rows(logits)
-        keep = target.ne(pad)
-        target_logit = logits.gather(-1, target[:, None]).squeeze(-1).float()  # before any overwrite
-        lse, uniform = torch.empty(n, device=logits.device), torch.empty(n, device=logits.device)
-        want_grad = ctx.needs_input_grad[0]
-        # d loss / d logits (for d loss = 1). Written over the logits when the caller allows it: they are not
-        # needed once this chunk is read, their memory is already the process's (a fresh 30-60 MB buffer costs
-        # its page faults on a CPU), and the step's largest tensor is not held twice.
-        grad_dtype = torch.float32 if logits.dtype == torch.float16 else logits.dtype
-        if not want_grad:
-            grad = None
-        elif reuse_logits and grad_dtype == logits.dtype:
-            grad = logits.detach()
-        else:
-            grad = torch.empty_like(logits, dtype=grad_dtype)
-        for i in range(0, n, rows):
-            x = logits[i:i + rows].float()  # (rows, V)
-            x_max = x.amax(dim=-1)
-            p = torch.softmax(x, dim=-1)
-            lse[i:i + rows] = lse_i = x_max - p.amax(dim=-1).log()  # p's max is 1 / sum(exp(x - x_max))
-            uniform[i:i + rows] = lse_i - x.sum(dim=-1) / V
-            if want_grad:
-                t = target[i:i + rows, None]
-                p.scatter_add_(-1, t, p.new_full(t.shape, epsilon - 1.0)).sub_(epsilon / V)
-                grad[i:i + rows] = p.mul_(keep[i:i + rows, None])
-        nll = (lse - target_logit).masked_fill(~keep, 0.0).sum()
-        uniform = uniform.masked_fill(~keep, 0.0).sum()
-        ctx.grad, ctx.epsilon, ctx.dtype = grad, epsilon, logits.dtype
-        ctx.save_for_backward(target, keep)
-        ctx.set_materialize_grads(False)  # None for an output with no gradient (nll, in training): no work for it
-        return (1.0 - epsilon) * nll + epsilon * uniform, nll
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor | None, grad_nll: torch.Tensor | None):
-        target, keep = ctx.saved_tensors
-        if ctx.grad is None:
-            raise RuntimeError("label_smoothed_loss: backward called twice, or on logits that need no gradient")
-        grad, ctx.grad = ctx.grad, None  # scaled in place, so released here: no second backward
-        eps, V = ctx.epsilon, grad.size(-1)
-        grad.mul_(sum(g for g in (grad_loss, grad_nll) if g is not None))
-        if grad_nll is not None:  # d nll / d logits = p - onehot = (d loss / d logits) + eps / V - eps onehot
-            k = keep.to(grad.dtype)[:, None]
-            grad.add_(k * (grad_nll * (eps / V)).to(grad.dtype))
-            grad.scatter_add_(-1, target[:, None], k * (grad_nll * -eps).to(grad.dtype))
-        return grad.to(ctx.dtype), None, None, None, None
-
-
-def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float, pad: int = PAD,
-                        reuse_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label-smoothed cross-entropy (Section 5.4; Szegedy et al., 2016), summed over non-pad targets.
-
-    logits (n, vocab), target (n,). The smoothed target puts 1 - epsilon on the reference and spreads
-    epsilon uniformly over the whole vocabulary (the definition `F.cross_entropy(label_smoothing=)` uses).
-    Returns (loss, nll): the smoothed loss to optimise and the plain negative log-likelihood, from which
-    perplexity is reported. Both are float32 scalars and both can be differentiated, once.
-
-    reuse_logits: the gradient overwrites `logits` (when they need one; not fp16 ones, whose gradient stays
-    float32 until scaled), the training step's way: the caller must not read them again. The logits must be
-    the output of an operation, not a leaf such as a parameter. Autograd's version check still refuses a
-    backward through an operation that saved them for its own backward (`Linear` does not), but not a
-    read by the caller, and saved-tensor hooks (`save_on_cpu`) do not see the stored gradient.
-    """
-    if reuse_logits and logits.is_leaf and logits.requires_grad:
-        raise ValueError("label_smoothed_loss: reuse_logits would overwrite a leaf tensor; pass computed logits")
-    return _LabelSmoothedLoss.apply(logits, target, epsilon, pad, reuse_logits)
-
-
 # --------------------------------------------------------------------------------------------------------
-# Set-up helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when present; under torchrun each process takes the GPU of its LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MTError(f"train.device is '{name}' but no CUDA device is available")
-        if device.index is None and "LOCAL_RANK" in os.environ:
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): from torchrun's environment, (0, 1) in a single process.
-
-    NCCL on CUDA, gloo on the CPU. Every rank runs the same loop; only rank 0 validates, logs and saves.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA and CPU; fp16 on CUDA only (it needs the gradient scaler)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+# Set-up
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -215,17 +72,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
         return torch.optim.Adam(model.parameters(), fused=True, **kwargs)
     except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
         return torch.optim.Adam(model.parameters(), foreach=device.type == "cuda", **kwargs)
-
-
-def rng_state(device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -265,25 +111,40 @@ class TrainResult:
         return lines
 
 
+@dataclass
+class Meter:
+    """Training loss, NLL and target tokens since the last log line; the sums stay on the device."""
+
+    loss: torch.Tensor
+    nll: torch.Tensor
+    tokens: int = 0
+    seconds: float = 0.0  # training time only: validation and saving are left out of tokens/s
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.nll.zero_()
+        self.tokens, self.seconds = 0, 0.0
+
+
 class Trainer:
     """Owns the model, optimiser and run directory of one training run."""
 
     def __init__(self, cfg: Config, data: PreparedData, resume: bool = False):
         self.cfg, self.data = cfg, data
-        self.tc = cfg.train
+        self.options = cfg.train
         self.run_dir = Path(cfg.run_dir)
-        self.device = resolve_device(self.tc.device)
-        self.precision = resolve_precision(self.tc.precision, self.device)
+        self.device = resolve_device(self.options.device)
+        self.precision = resolve_precision(self.options.precision, self.device)
         if self.precision == "fp16" and self.device.type != "cuda":
             raise MTError("train.precision fp16 needs a CUDA device; use bf16 on the CPU")
-        if self.tc.num_threads:
-            torch.set_num_threads(self.tc.num_threads)
+        if self.options.num_threads:
+            torch.set_num_threads(self.options.num_threads)
         self.rank, self.world = init_distributed(self.device)
         self.main = self.rank == 0
-        torch.manual_seed(self.tc.seed)  # the same initial weights on every rank
+        torch.manual_seed(self.options.seed)  # the same initial weights on every rank
         self.spec = model_spec(cfg.model, data.vocab)
         self.model = build_model(self.spec).to(self.device)
-        torch.manual_seed(self.tc.seed + self.rank)  # but different dropout masks
+        torch.manual_seed(self.options.seed + self.rank)  # but different dropout masks
         # Train through the DDP / compiled wrappers but save the plain module's weights (their keys are prefixed).
         self.ddp: DistributedDataParallel | None = None
         self.step_model: torch.nn.Module = self.model
@@ -292,17 +153,17 @@ class Trainer:
             self.step_model = self.ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
-        if self.tc.compile:
+        if self.options.compile:
             self.step_model = torch.compile(self.step_model)
-        self.optimizer = make_optimizer(self.model, self.tc, self.device)
+        self.optimizer = make_optimizer(self.model, self.options, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.progress = Progress()
         self.time_done, self.lr = 0.0, 0.0  # fit() keeps both up to date
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             self._resume()
-        log.info("model: %.1fM parameters on %s, %s%s", sum(p.numel() for p in self.model.parameters()) / 1e6,
-                 self.device, self.precision + (" (auto)" if self.tc.precision == "auto" else ""),
+        log.info("model: %.1fM parameters on %s, %s%s", self.model.num_parameters() / 1e6, self.device,
+                 self.precision + (" (auto)" if self.options.precision == "auto" else ""),
                  f", {self.world} processes" if self.world > 1 else "")
 
     # ---- checkpoints
@@ -333,7 +194,7 @@ class Trainer:
         link_or_copy(step_path, self.run_dir / "checkpoint_last.pt")
         if best:
             link_or_copy(step_path, self.run_dir / "checkpoint_best.pt")
-        prune_checkpoints(self.run_dir, self.tc.keep_checkpoints)
+        prune_checkpoints(self.run_dir, self.options.keep_checkpoints)
 
     def _resume(self) -> None:
         path = self.run_dir / "checkpoint_last.pt"
@@ -363,12 +224,11 @@ class Trainer:
     def micro_batches(self) -> Iterator[tuple[Batch, int, int, int]]:
         """This rank's training batches across epochs: (batch, tokens of all ranks' batches at this position,
         and the (epoch, batch) position that follows it)."""
-        p = self.progress
-        epoch, start = p.epoch, p.batch
+        epoch, start = self.progress.epoch, self.progress.batch
         while True:
             empty = True
             for position, batch, group_tokens in iterate_batches(
-                    self.data.train, self.cfg.data.max_tokens, self.tc.seed, epoch, start=start,
+                    self.data.train, self.cfg.data.max_tokens, self.options.seed, epoch, start=start,
                     shard=(self.rank, self.world)):
                 empty = False
                 yield batch, group_tokens, epoch, position + 1
@@ -376,6 +236,16 @@ class Trainer:
                 raise MTError(f"{self.cfg.data.train}: too few batches for {self.world} processes; "
                               "lower data.max_tokens")
             epoch, start = epoch + 1, 0
+
+    def next_update(self, micro_batches: Iterator) -> tuple[list[Batch], int]:
+        """The `update_freq` batches of the next optimiser step and the target tokens of all ranks' batches;
+        advances the data position in `progress`."""
+        batches, n_tokens = [], 0
+        for _ in range(self.options.update_freq):
+            batch, group_tokens, self.progress.epoch, self.progress.batch = next(micro_batches)
+            batches.append(batch)
+            n_tokens += group_tokens
+        return batches, n_tokens
 
     # ---- one update
 
@@ -386,29 +256,30 @@ class Trainer:
         (known on the host from the batch order, so nothing waits for the device or the other ranks); DDP
         averages gradients over ranks, hence the factor `world`. Returns this rank's summed (loss, nll).
         """
-        model, tc = self.step_model, self.tc
-        model.train()
+        options = self.options
+        self.step_model.train()
         total_loss = torch.zeros((), device=self.device)
         total_nll = torch.zeros((), device=self.device)
-        for i, b in enumerate(batches):
-            b = b.to(self.device)
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
             # DDP all-reduces gradients on every backward unless told not to: only the last one needs it.
             last = i == len(batches) - 1
             with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
                 with autocast(self.precision, self.device):
-                    logits = model(b.src, b.tgt_in)
-                loss, nll = label_smoothed_loss(logits.flatten(0, 1), b.tgt_out.flatten(), tc.label_smoothing,
-                                                reuse_logits=True)
+                    logits = self.step_model(batch.src, batch.tgt_in)
+                loss, nll = label_smoothed_loss(logits.flatten(0, 1), batch.tgt_out.flatten(), options.label_smoothing,
+                                                exclude_pad=options.smoothing_excludes_pad, reuse_logits=True)
                 self.scaler.scale(loss * (self.world / n_tokens)).backward()
             total_loss += loss.detach()
             total_nll += nll.detach()
         step = self.progress.step + 1
-        self.lr = learning_rate(step, tc, self.cfg.model.d_model, done=max((step - 1) / tc.max_steps, self.time_done))
+        done = max((step - 1) / options.max_steps, self.time_done)
+        self.lr = learning_rate(step, options, self.cfg.model.d_model, done=done)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        if tc.clip_norm > 0:
+        if options.clip_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_norm)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -417,49 +288,8 @@ class Trainer:
 
     # ---- validation
 
-    @torch.no_grad()
-    def validate(self) -> dict:
-        """Dev loss and perplexity (teacher forcing), and dev BLEU from greedy decoding."""
-        valid = self.data.valid
-        if valid is None:
-            return {}
-        self.model.eval()
-        sums = torch.zeros(2, device=self.device)  # (loss, nll), read once at the end
-        tokens = 0
-        batches = make_batches(valid.src_lens, valid.tgt_lens, self.cfg.data.max_tokens, 0, 0, shuffle=False)
-        for indices in batches:
-            b = collate(valid, indices)
-            tokens += b.n_tgt_tokens  # on the host, before the batch moves
-            b = b.to(self.device)
-            with autocast(self.precision, self.device):
-                logits = self.model(b.src, b.tgt_in)
-            sums += torch.stack(label_smoothed_loss(logits.flatten(0, 1), b.tgt_out.flatten(),
-                                                    self.tc.label_smoothing))
-        loss_sum, nll_sum = sums.tolist()
-        result = {"valid_loss": loss_sum / tokens, "valid_nll": nll_sum / tokens,
-                  "valid_ppl": math.exp(min(nll_sum / tokens, 50.0))}
-        if self.tc.valid_bleu:
-            result["valid_bleu"] = self.dev_bleu()
-        return result
-
-    def dev_bleu(self) -> float:
-        """Greedy-decode the dev sources and score them against the raw references with sacreBLEU."""
-        valid, vocab, dc = self.data.valid, self.data.vocab, self.cfg.decode
-        refs = [t for _, t in read_corpus(self.cfg.data.valid, self.cfg.data.src_lang, self.cfg.data.tgt_lang)]
-        hyps = [""] * len(valid)
-        zeros = valid.tgt_lens * 0
-        for indices in make_batches(valid.src_lens, zeros, dc.max_tokens, 0, 0, shuffle=False):
-            b = collate(valid, indices).to(self.device)
-            with autocast(self.precision, self.device):
-                out = greedy_search(self.model, b.src, bos=self.data.vocab.tgt.bos_id(), eos=EOS, pad=PAD,
-                                    max_len_a=dc.max_len_a, max_len_b=dc.max_len_b)
-            tokens = out.tokens[:, 0].tolist()
-            for i, ids in zip(indices.tolist(), tokens):
-                hyps[i] = vocab.tgt.decode([t for t in ids if t not in (PAD, EOS)])
-        return sacrebleu.corpus_bleu(hyps, [refs]).score
-
     def _improved(self, result: dict) -> bool:
-        if self.tc.best_metric == "bleu" and "valid_bleu" in result:
+        if self.options.best_metric == "bleu" and "valid_bleu" in result:
             score, better = result["valid_bleu"], lambda a, b: a > b
         elif "valid_loss" in result:
             score, better = result["valid_loss"], lambda a, b: a < b
@@ -473,90 +303,105 @@ class Trainer:
 
     # ---- the loop
 
+    def fit(self) -> TrainResult:
+        """Train until a budget or patience runs out: each optimiser step is followed by logging, the time
+        budget's check, validation and saving, each when it is due."""
+        options, progress = self.options, self.progress
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.start_time, self.start_elapsed = time.time(), progress.elapsed
+        self.time_budget = options.max_time_minutes * 60 if options.max_time_minutes else math.inf
+        self.time_done = progress.elapsed / self.time_budget  # the budget's fraction spent (the same on all ranks)
+        meter = Meter(torch.zeros((), device=self.device), torch.zeros((), device=self.device))
+        last_valid: dict = {}
+        stop = ""
+        micro_batches = self.micro_batches()
+        bar = tqdm(total=options.max_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=None if self.main else True, mininterval=1.0)
+        while not stop:
+            if progress.step >= options.max_steps:
+                stop = f"max_steps {options.max_steps}"
+                break
+            started = time.time()
+            batches, n_tokens = self.next_update(micro_batches)
+            if options.max_epochs and progress.epoch >= options.max_epochs:
+                stop = f"max_epochs {options.max_epochs}"
+                break
+            loss, nll = self.train_step(batches, n_tokens)
+            meter.loss += loss
+            meter.nll += nll
+            meter.tokens += sum(b.n_tgt_tokens for b in batches)
+            progress.elapsed = self.start_elapsed + time.time() - self.start_time
+            bar.update(1)
+            meter.seconds += time.time() - started
+            if progress.step % options.log_every == 0:
+                self.log_training(meter, bar)
+            stop = self.time_budget_spent()
+            best, stop = self.validate_if_due(stop, last_valid)
+            if progress.step % options.save_every == 0 or best or stop or progress.step >= options.max_steps:
+                self.save(best=best)
+        bar.close()
+        return self.finish(stop, last_valid)
+
+    def log_training(self, meter: Meter, bar: tqdm) -> None:
+        """One metrics.jsonl record, and the progress bar's figures (or a log line where there is no terminal)."""
+        progress = self.progress
+        record = {"step": progress.step, "epoch": progress.epoch, "loss": meter.loss.item() / meter.tokens,
+                  "nll": meter.nll.item() / meter.tokens, "lr": self.lr,
+                  "tokens_per_s": meter.tokens / max(meter.seconds, 1e-9), "elapsed_s": progress.elapsed}
+        record["ppl"] = math.exp(min(record["nll"], 50.0))
+        bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.1f}", lr=f"{record['lr']:.2e}",
+                        tok_s=f"{record['tokens_per_s']:.0f}")
+        if bar.disable and self.main:  # a log file or a batch job: a line per log step instead
+            log.info("step %d: loss %.3f, ppl %.1f, lr %.2e, %.0f tokens/s", progress.step, record["loss"],
+                     record["ppl"], record["lr"], record["tokens_per_s"])
+        self.log_metrics(record)
+        meter.reset()
+
     def log_metrics(self, record: dict) -> None:
         if not self.main:
             return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def fit(self) -> TrainResult:
-        tc, p = self.tc, self.progress
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        start_time, start_elapsed = time.time(), p.elapsed
-        budget = tc.max_time_minutes * 60 if tc.max_time_minutes else math.inf
-        self.time_done = p.elapsed / budget  # the fraction of the wall-time budget spent (the same on all ranks)
-        log_loss = torch.zeros((), device=self.device)
-        log_nll = torch.zeros((), device=self.device)
-        log_tokens, log_start = 0, time.time()
-        last_valid: dict = {}
-        stop = ""
-        batches = self.micro_batches()
-        bar = tqdm(total=tc.max_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=None if self.main else True, mininterval=1.0)
-        while not stop:
-            if p.step >= tc.max_steps:
-                stop = f"max_steps {tc.max_steps}"
-                break
-            group, n_tokens = [], 0
-            for _ in range(tc.update_freq):
-                batch, group_tokens, p.epoch, p.batch = next(batches)
-                group.append(batch)
-                n_tokens += group_tokens
-            if tc.max_epochs and p.epoch >= tc.max_epochs:
-                stop = f"max_epochs {tc.max_epochs}"
-                break
-            loss, nll = self.train_step(group, n_tokens)
-            log_loss += loss
-            log_nll += nll
-            log_tokens += sum(b.n_tgt_tokens for b in group)
-            p.elapsed = start_elapsed + time.time() - start_time
-            bar.update(1)
-            if p.step % tc.log_every == 0:
-                now = time.time()
-                record = {"step": p.step, "epoch": p.epoch, "loss": log_loss.item() / log_tokens,
-                          "nll": log_nll.item() / log_tokens,
-                          "lr": self.lr,
-                          "tokens_per_s": log_tokens / max(now - log_start, 1e-9), "elapsed_s": p.elapsed}
-                record["ppl"] = math.exp(min(record["nll"], 50.0))
-                bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.1f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
-                if bar.disable and self.main:  # no terminal (a log file, a batch job): a line per log step instead
-                    log.info("step %d: loss %.3f, ppl %.1f, lr %.2e, %.0f tokens/s", p.step, record["loss"],
-                             record["ppl"], record["lr"], record["tokens_per_s"])
-                self.log_metrics(record)
-                log_loss.zero_()
-                log_nll.zero_()
-                log_tokens, log_start = 0, now
-            # Ranks see slightly different clocks: under torchrun rank 0's rules, read at log steps only (a
-            # collective), so every rank stops at the same step and uses the same learning rate.
-            if self.world == 1 or p.step % tc.log_every == 0:
-                self.time_done = self._from_rank0(p.elapsed / budget)
-                if self.time_done >= 1.0:
-                    stop = f"max_time_minutes {tc.max_time_minutes:g}"
-            best, paused = False, time.time()
-            if p.step % tc.validate_every == 0 or (stop and self.data.valid is not None):
-                if self.main:
-                    last_valid = self.validate()
-                    best = self._improved(last_valid)
-                    self.log_metrics({"step": p.step, **last_valid})
-                    log.info("step %d: %s", p.step, ", ".join(f"{k} {v:.3f}" for k, v in last_valid.items()))
-                if self._agree(bool(tc.patience) and p.bad_validations >= tc.patience):
-                    stop = f"no improvement in {tc.patience} validations"
-                best = self._agree(best)
-            if p.step % tc.save_every == 0 or best or stop or p.step >= tc.max_steps:
-                self.save(best=best)
-            log_start += time.time() - paused  # tokens/s counts training time, not validation or saving
-        bar.close()
-        if self._agree(not (self.run_dir / "checkpoint_last.pt").is_file() or _last_step(self.run_dir) != p.step):
+    def time_budget_spent(self) -> str:
+        """The stop reason once `max_time_minutes` is spent, else "". Ranks see slightly different clocks:
+        under torchrun rank 0's clock rules, read at log steps only (a collective), so that every rank stops
+        at the same step and uses the same learning rate."""
+        if self.world == 1 or self.progress.step % self.options.log_every == 0:
+            self.time_done = self._from_rank0(self.progress.elapsed / self.time_budget)
+            if self.time_done >= 1.0:
+                return f"max_time_minutes {self.options.max_time_minutes:g}"
+        return ""
+
+    def validate_if_due(self, stop: str, last_valid: dict) -> tuple[bool, str]:
+        """Validate every `validate_every` steps and before stopping; update `last_valid` in place. Returns
+        whether the dev score improved and the stop reason, patience's included."""
+        progress, options = self.progress, self.options
+        if not (progress.step % options.validate_every == 0 or (stop and self.data.valid is not None)):
+            return False, stop
+        best = False
+        if self.main:
+            last_valid.clear()
+            last_valid.update(validate(self.model, self.data, self.cfg, self.precision, self.device))
+            best = self._improved(last_valid)
+            self.log_metrics({"step": progress.step, **last_valid})
+            log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.3f}" for k, v in last_valid.items()))
+        if self._agree(bool(options.patience) and progress.bad_validations >= options.patience):
+            stop = f"no improvement in {options.patience} validations"
+        return self._agree(best), stop
+
+    def finish(self, stop: str, last_valid: dict) -> TrainResult:
+        """Save the last step if it is not saved yet, and average the last checkpoints (Section 6.1)."""
+        if self._agree(not (self.run_dir / "checkpoint_last.pt").is_file()
+                       or _last_step(self.run_dir) != self.progress.step):
             self.save()
         averaged = None
-        if tc.average_last and self.main:
-            paths = step_checkpoints(self.run_dir)[-tc.average_last:]
+        if self.options.average_last and self.main:
+            paths = step_checkpoints(self.run_dir)[-self.options.average_last:]
             averaged = self.run_dir / "checkpoint_avg.pt"
             average_checkpoints(paths, averaged)
             log.info("averaged %d checkpoints -> %s", len(paths), averaged)
-        return TrainResult(self.run_dir, p, stop, last_valid, averaged)
-
+        return TrainResult(self.run_dir, self.progress, stop, dict(last_valid), averaged)
 
     def _agree(self, flag: bool) -> bool:
         """Rank 0's decision, on every rank (a broadcast under torchrun; free in a single process)."""

@@ -22,7 +22,8 @@ from mt.checkpoint import load_for_inference
 from mt.config import DecodeConfig, apply_override, from_dict, to_dict, validate, Config
 from mt.data import BOS, EOS, PAD, Vocab, make_batches, pad_sentences
 from mt.io import atomic_open, read_lines
-from mt.model import Transformer, resolve_precision
+from mt.model import Transformer
+from mt.runtime import resolve_precision
 from mt.search import SearchOutput, beam_search, greedy_search, sample
 
 log = logging.getLogger(__name__)

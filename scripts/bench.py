@@ -1,9 +1,11 @@
-"""Speed, side by side: mt against Hugging Face `MarianMTModel` of the same size, in one run, alternating.
+"""Speed, side by side: mt against Hugging Face `MarianMTModel` of the same size (or against mt's own plain
+paths), in one run, alternating.
 
     pip install -e ".[bench]" -c <(echo torch==$(python -c 'import torch; print(torch.__version__)'))
     python scripts/bench.py                    # d_model 256, 3+3 layers (the Multi30k size)
     python scripts/bench.py --size base        # the paper's base size (slow on a CPU)
     python scripts/bench.py --device cuda --size base --max-tokens 8192   # on a GPU (default: the CPU)
+    python scripts/bench.py --against plain --plain dropout   # what mt.fast's dropout gains over nn.Dropout
 
 For each system it times (median of --reps repetitions, the two systems back to back in each, in turns):
   * a training step (forward, label-smoothed loss, backward, Adam) on the same Multi30k token batches, each
@@ -17,6 +19,10 @@ For each system it times (median of --reps repetitions, the two systems back to 
     (Linux); on a GPU the peak of PyTorch's allocator above what was allocated before the measurement.
 Prints a table of the medians and, for speed, mt's speedup over HF: the median of the repetitions' own
 ratios (see `speedup`); for memory, mt / HF.
+
+`--against plain` replaces HF by mt with the parts named in `--plain` on their plain paths: `dropout`
+(nn.Dropout), `attention` (SDPA alone), `loss` (the autograd reference), or `all`. Each fast path of
+mt.fast and mt.loss was kept because it pays here.
 """
 
 from __future__ import annotations
@@ -60,15 +66,29 @@ def prepare(work: Path, max_tokens: int, n_batches: int, n_sentences: int, devic
     return data.vocab, batches, lines
 
 
-def build(system: str, size: str, vocab_size: int):
+PLAIN_PARTS = ("dropout", "attention", "loss")
+
+
+def build(system: str, size: str, vocab_size: int, plain: tuple[str, ...] = ()):
+    """system mt (as `mt train` builds it), plain (mt with the `plain` parts on their plain paths) or hf."""
     from mt.config import ModelConfig
 
     s = SIZES[size]
-    if system == "mt":
-        from mt.model import Transformer
+    if system in ("mt", "plain"):
+        from torch import nn
 
-        return Transformer(ModelConfig(**s, dropout=0.1), vocab_size, vocab_size, pad_id=0,
-                           share_all_embeddings=True)
+        from mt.fast import speed_up
+        from mt.model import MultiHeadAttention, Transformer, sdpa_attention
+
+        model = speed_up(Transformer(ModelConfig(**s, dropout=0.1), vocab_size, vocab_size, pad_id=0,
+                                     share_all_embeddings=True))
+        for module in (model.modules() if system == "plain" else ()):
+            for name, child in module.named_children():
+                if "dropout" in plain and isinstance(child, nn.Dropout):
+                    setattr(module, name, nn.Dropout(child.p))
+            if "attention" in plain and isinstance(module, MultiHeadAttention):
+                module.kernel = sdpa_attention
+        return model
     from transformers import MarianConfig, MarianMTModel
 
     cfg = MarianConfig(
@@ -82,7 +102,7 @@ def build(system: str, size: str, vocab_size: int):
 
 
 def logits_fn(system: str, model):
-    if system == "mt":
+    if system != "hf":
         return lambda src, tgt_in: model(src, tgt_in)
     return lambda src, tgt_in: model(input_ids=src, attention_mask=src.ne(0), decoder_input_ids=tgt_in,
                                      decoder_attention_mask=tgt_in.ne(0)).logits
@@ -92,13 +112,17 @@ def logits_fn(system: str, model):
 # Measurements
 
 
-def loss_fn(system: str):
+def loss_fn(system: str, plain: tuple[str, ...] = ()):
     """Each system's own label-smoothed cross-entropy (epsilon 0.1), as its users train with it: mt's
-    `label_smoothed_loss`, and the `LabelSmoother` of HF's (Seq2Seq)Trainer. (logits (B, T, V), batch) -> loss."""
-    if system == "mt":
+    `label_smoothed_loss` (or its plain reference), and the `LabelSmoother` of HF's (Seq2Seq)Trainer.
+    (logits (B, T, V), batch) -> loss."""
+    if system != "hf":
         from mt.data.vocab import PAD
-        from mt.train import label_smoothed_loss
+        from mt.loss import label_smoothed_loss, label_smoothed_loss_reference
 
+        if system == "plain" and "loss" in plain:
+            return lambda logits, b: label_smoothed_loss_reference(logits.flatten(0, 1), b.tgt_out.flatten(),
+                                                                   0.1)[0] / b.tgt_out.ne(PAD).sum()
         # Divided by a count left on the device: `Batch.n_tgt_tokens` would make the host wait for a GPU.
         return lambda logits, b: label_smoothed_loss(logits.flatten(0, 1), b.tgt_out.flatten(), 0.1,
                                                      reuse_logits=True)[0] / b.tgt_out.ne(PAD).sum()
@@ -114,11 +138,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_run(system: str, model, batches, precision: str) -> float:
+def train_run(system: str, model, batches, precision: str, plain: tuple[str, ...] = ()) -> float:
     """Seconds for one pass of training steps over `batches`, each system with its own loss."""
     model.train()
     device = batches[0].src.device
-    forward, loss_of = logits_fn(system, model), loss_fn(system)
+    forward, loss_of = logits_fn(system, model), loss_fn(system, plain)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     sync(device)
@@ -148,7 +172,7 @@ def decode_run(system: str, model, vocab, lines: list[str], out_len: int, batch_
         width = max(map(len, chunk))
         src = torch.tensor([x + [0] * (width - len(x)) for x in chunk]).to(device)
         with torch.inference_mode():
-            if system == "mt":
+            if system != "hf":
                 beam_search(model, src, beam_size=4, length_penalty=0.6, bos=2, eos=3, pad=0,
                             max_len_a=0.0, max_len_b=out_len, min_len=out_len)
             else:
@@ -167,10 +191,11 @@ def in_turn(models: dict, rep: int) -> list[str]:
 
 
 def speedup(times: dict[str, list[float]]) -> float:
-    """mt's speed over HF's: the median over repetitions of each repetition's time ratio. The two runs of a
-    repetition are back to back, so the machine's drift (mt alone varied by up to 25% between repetitions
-    on the 2-core machine) cancels in each ratio, where the ratio of the two medians would keep it."""
-    return statistics.median(hf / ours for ours, hf in zip(times["mt"], times["hf"]))
+    """mt's speed over the other system's: the median over repetitions of each repetition's time ratio. The
+    two runs of a repetition are back to back, so the machine's drift (mt alone varied by up to 25% between
+    repetitions on the 2-core machine) cancels in each ratio, where the ratio of the two medians would keep it."""
+    ours, other = times["mt"], next(v for k, v in times.items() if k != "mt")
+    return statistics.median(theirs / mine for mine, theirs in zip(ours, other))
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
@@ -204,7 +229,7 @@ def memory_probe(args) -> None:
     torch.manual_seed(0)
     vocab, batches, lines = prepare(Path(args.work), args.max_tokens, args.train_batches, args.sentences,
                                     torch.device("cpu"))
-    model = build(args.system, args.size, vocab.src_size)
+    model = build(args.system, args.size, vocab.src_size, args.plain)
     # Reset the kernel's high-water mark (Linux), so the peak is the measured work's, not the set-up's.
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_kib("VmRSS")
@@ -215,7 +240,7 @@ def memory_probe(args) -> None:
 def measured_work(probe: str, system: str, model, vocab, batches, lines: list[str], args) -> None:
     """What peak memory is measured on: fp32 training steps, or beam-decoding one decoding batch."""
     if probe == "train":
-        train_run(system, model, batches, "fp32")
+        train_run(system, model, batches, "fp32", args.plain)
     else:
         decode_run(system, model, vocab, lines[:args.decode_batch], args.out_len, args.decode_batch)
 
@@ -241,8 +266,13 @@ def main() -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=("train", "decode", "memory"))
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--probe", choices=("train", "decode"), help=argparse.SUPPRESS)
-    ap.add_argument("--system", choices=("mt", "hf"), help=argparse.SUPPRESS)
+    ap.add_argument("--against", choices=("hf", "plain"), default="hf",
+                    help="compare mt with Hugging Face (default) or with mt on the --plain paths")
+    ap.add_argument("--plain", nargs="+", default=["all"], choices=(*PLAIN_PARTS, "all"),
+                    help="with --against plain: the parts that take their plain path (default: all)")
+    ap.add_argument("--system", choices=("mt", "hf", "plain"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.plain = PLAIN_PARTS if "all" in args.plain else tuple(args.plain)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe:
@@ -252,12 +282,14 @@ def main() -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     vocab, batches, lines = prepare(Path(args.work), args.max_tokens, args.train_batches, args.sentences, device)
-    models = {name: build(name, args.size, vocab.src_size).to(device) for name in ("mt", "hf")}
+    other = args.against
+    models = {name: build(name, args.size, vocab.src_size, args.plain).to(device) for name in ("mt", other)}
     n_tokens = sum(b.n_tgt_tokens for b in batches)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"size {args.size} {SIZES[args.size]}, vocab {vocab.src_size}, torch {torch.__version__}, "
           f"{where}; {len(batches)} batches of <= {args.max_tokens} tokens "
-          f"({n_tokens} target tokens); {len(lines)} sentences decoded to {args.out_len} tokens, beam 4")
+          f"({n_tokens} target tokens); {len(lines)} sentences decoded to {args.out_len} tokens, beam 4"
+          + (f"; against mt with plain {', '.join(args.plain)}" if other == "plain" else ""))
     rows = []
     if "train" not in args.skip:
         flops = train_flops(args.size, vocab.src_size, batches)
@@ -265,13 +297,13 @@ def main() -> int:
             peak = matmul_peak(dtype, device)
             times = {name: [] for name in models}
             for name in models:  # warm-up
-                train_run(name, models[name], batches[:2], precision)
+                train_run(name, models[name], batches[:2], precision, args.plain)
             for rep in range(args.reps):
                 for name in in_turn(models, rep):
-                    times[name].append(train_run(name, models[name], batches, precision))
+                    times[name].append(train_run(name, models[name], batches, precision, args.plain))
             med = {k: statistics.median(v) for k, v in times.items()}
             mfu = flops / med["mt"] / peak
-            rows.append((f"train tokens/s {precision}", n_tokens / med["mt"], n_tokens / med["hf"], speedup(times),
+            rows.append((f"train tokens/s {precision}", n_tokens / med["mt"], n_tokens / med[other], speedup(times),
                          f"mt MFU {100 * mfu:.1f}% of {peak / 1e9:.0f} GFLOP/s matmul"))
     if "decode" not in args.skip:
         for precision in ("fp32", "bf16"):  # bf16: both models' weights cast, as `mt translate --precision bf16`
@@ -284,7 +316,7 @@ def main() -> int:
                 for name in in_turn(models, rep):
                     times[name].append(decode_run(name, cast[name], vocab, lines, args.out_len, args.decode_batch))
             med = {k: statistics.median(v) for k, v in times.items()}
-            rows.append((f"beam-4 sentences/s {precision}", len(lines) / med["mt"], len(lines) / med["hf"],
+            rows.append((f"beam-4 sentences/s {precision}", len(lines) / med["mt"], len(lines) / med[other],
                          speedup(times), ""))
     if "memory" not in args.skip and device.type == "cuda":
         # The caching allocator's own peak, in this process: what each measurement adds to what is already held.
@@ -296,8 +328,8 @@ def main() -> int:
                 torch.cuda.reset_peak_memory_stats(device)
                 measured_work(probe, name, model, vocab, batches, lines, args)
                 peak[name] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-            rows.append((f"peak memory MiB, {probe} (lower is better)", peak["mt"], peak["hf"],
-                         peak["mt"] / peak["hf"], ""))
+            rows.append((f"peak memory MiB, {probe} (lower is better)", peak["mt"], peak[other],
+                         peak["mt"] / peak[other], ""))
     elif "memory" not in args.skip:
         for probe in ("train", "decode"):
             peak = {}
@@ -305,16 +337,18 @@ def main() -> int:
                 cmd = [sys.executable, __file__, "--probe", probe, "--system", name, "--size", args.size,
                        "--work", args.work, "--max-tokens", str(args.max_tokens), "--train-batches",
                        str(args.train_batches), "--sentences", str(args.sentences), "--out-len",
-                       str(args.out_len), "--decode-batch", str(args.decode_batch), "--threads", str(args.threads)]
+                       str(args.out_len), "--decode-batch", str(args.decode_batch), "--threads", str(args.threads),
+                       "--plain", *args.plain]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 peak[name] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
-            rows.append((f"peak memory MiB, {probe} (lower is better)", peak["mt"], peak["hf"],
-                         peak["mt"] / peak["hf"], ""))
+            rows.append((f"peak memory MiB, {probe} (lower is better)", peak["mt"], peak[other],
+                         peak["mt"] / peak[other], ""))
 
-    print(f"\n| {'measure':42s} | {'mt':>10s} | {'HF':>10s} | {'mt/HF':>6s} | note")
-    print(f"|{'-' * 44}|{'-' * 12}|{'-' * 12}|{'-' * 8}|------")
+    label = "HF" if other == "hf" else "plain"
+    print(f"\n| {'measure':42s} | {'mt':>10s} | {label:>10s} | {'mt/' + label:>8s} | note")
+    print(f"|{'-' * 44}|{'-' * 12}|{'-' * 12}|{'-' * 10}|------")
     for what, ours, theirs, ratio, note in rows:
-        print(f"| {what:42s} | {ours:10.1f} | {theirs:10.1f} | {ratio:6.2f} | {note}")
+        print(f"| {what:42s} | {ours:10.1f} | {theirs:10.1f} | {ratio:8.2f} | {note}")
     return 0
 
 

@@ -137,21 +137,3 @@ def test_average_command_averages_the_last_checkpoints(tiny_checkpoint, tmp_path
     expected = (parts[0]["model"][key] + parts[1]["model"][key]) / 2
     assert (avg["model"][key] - expected).abs().max().item() < 1e-6
     assert "optimizer" not in avg  # inference weights only
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
-def test_training_keeps_freed_memory_unless_the_user_tuned_glibc(monkeypatch):
-    import ctypes
-    import os
-
-    from mt.cli import keep_freed_memory
-
-    for key in [k for k in os.environ if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))]:
-        monkeypatch.delenv(key)
-    try:
-        ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        pytest.skip("not glibc")
-    assert keep_freed_memory()
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    assert not keep_freed_memory()

@@ -15,9 +15,11 @@ from mt import train as train_module
 from mt.checkpoint import load_checkpoint
 from mt.config import ModelConfig, load_config
 from mt.data import prepare_data
+from mt.fast import speed_up
 from mt.model import Transformer
 from mt.search import beam_search
-from mt.train import Trainer, label_smoothed_loss
+from mt.loss import label_smoothed_loss
+from mt.train import Trainer
 
 from conftest import ROOT, write_pairs
 
@@ -29,7 +31,7 @@ PAD, BOS, EOS = 0, 2, 3
 def _model(seed: int = 0, dropout: float = 0.0) -> Transformer:
     torch.manual_seed(seed)
     cfg = ModelConfig(d_model=64, n_heads=4, n_layers=2, d_ff=128, dropout=dropout)
-    return Transformer(cfg, 97, 97, pad_id=PAD, share_all_embeddings=True)
+    return speed_up(Transformer(cfg, 97, 97, pad_id=PAD, share_all_embeddings=True))  # as build_model makes it
 
 
 def _padded_batch(seed: int = 1, batch: int = 6, src_len: int = 11, tgt_len: int = 9):

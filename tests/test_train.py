@@ -1,4 +1,4 @@
-"""Training: the loss, the schedule, overfitting a tiny corpus, kill-and-resume, checkpoints."""
+"""Training: the schedule, overfitting a tiny corpus, kill-and-resume, checkpoints."""
 
 from __future__ import annotations
 
@@ -16,111 +16,11 @@ from mt.checkpoint import average_checkpoints, load_checkpoint, load_for_inferen
 from mt.config import TrainConfig, load_config
 from mt.data import prepare_data
 from mt.errors import MTError
-import mt.model
+import mt.runtime
 from mt import train as train_module
-from mt.train import Trainer, label_smoothed_loss, learning_rate
+from mt.train import Trainer, learning_rate
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
-
-
-def test_label_smoothed_loss_matches_hand_computation():
-    # Two real targets and one pad over a vocabulary of 3; epsilon 0.1.
-    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [9.0, 9.0, 9.0]])
-    target = torch.tensor([0, 2, 1])
-    pad = 1
-    lp = F.log_softmax(logits, -1)
-    nll = -(lp[0, 0] + lp[1, 2])
-    smooth = 0.9 * nll + 0.1 * (-(lp[0].sum() + lp[1].sum()) / 3)
-    loss, got_nll = label_smoothed_loss(logits, target, 0.1, pad=pad)
-    torch.testing.assert_close(got_nll, nll)
-    torch.testing.assert_close(loss, smooth)
-
-
-def test_label_smoothed_loss_equals_torch_cross_entropy_with_label_smoothing():
-    torch.manual_seed(0)
-    logits, target = torch.randn(40, 11), torch.randint(0, 11, (40,))
-    loss, nll = label_smoothed_loss(logits, target, 0.1, pad=0)
-    ref = F.cross_entropy(logits, target, label_smoothing=0.1, ignore_index=0, reduction="sum")
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(nll, F.cross_entropy(logits, target, ignore_index=0, reduction="sum"))
-
-
-@pytest.mark.parametrize("weights", [(1.0, 0.0), (2.0, 0.5), (0.0, 1.0)])  # d(a * loss + b * nll)
-@pytest.mark.parametrize("chunk", [1 << 22, 3 * 11])  # one chunk, or chunks of 3 rows with a ragged last one
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_label_smoothed_loss_gradients_equal_autograds_in_any_chunking(monkeypatch, chunk, dtype, weights):
-    import mt.train
-
-    monkeypatch.setattr(mt.train, "LOSS_CHUNK_ELEMENTS", chunk)
-    torch.manual_seed(0)
-    logits = (3 * torch.randn(40, 11)).to(dtype).requires_grad_()
-    target = torch.randint(0, 11, (40,))
-    target[::6] = 0  # padding
-    a, b = weights
-    loss, nll = label_smoothed_loss(logits, target, 0.1, pad=0)
-    (a * loss if b == 0 else b * nll if a == 0 else a * loss + b * nll).backward()  # unused outputs: no gradient
-    ours, logits.grad = logits.grad, None
-    ref_loss = F.cross_entropy(logits.float(), target, label_smoothing=0.1, ignore_index=0, reduction="sum")
-    ref_nll = F.cross_entropy(logits.float(), target, ignore_index=0, reduction="sum")
-    (a * ref_loss + b * ref_nll).backward()
-    torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(nll, ref_nll)
-    assert ours.dtype == dtype
-    # The training case (the loss alone) rounds once, as autograd's float32 gradient cast to bf16. With the nll's
-    # gradient too, bf16 rounds twice: within 2^-12 of gradients of up to ~2.5.
-    atol = 2 ** -12 if dtype == torch.bfloat16 and b else None
-    torch.testing.assert_close(ours, logits.grad, atol=atol, rtol=None if atol is None else 1.6e-2)
-    assert ours[::6].abs().max() == 0  # padding rows get no gradient
-
-
-def test_label_smoothed_loss_reusing_the_logits_gives_the_same_gradient_and_autograd_guards_misuse():
-    torch.manual_seed(0)
-    w = torch.randn(6, 9, requires_grad=True)
-    h, target = torch.randn(12, 6), torch.randint(1, 9, (12,))
-    grads = []
-    for reuse in (False, True):
-        loss, _ = label_smoothed_loss(h @ w, target, 0.1, pad=0, reuse_logits=reuse)
-        loss.backward()
-        grads.append(w.grad)
-        w.grad = None
-    torch.testing.assert_close(grads[1], grads[0])
-    # exp saves its output for its backward: overwriting it must not pass silently.
-    loss, _ = label_smoothed_loss((h @ w).exp(), target, 0.1, pad=0, reuse_logits=True)
-    with pytest.raises(RuntimeError, match="inplace"):
-        loss.backward()
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_label_smoothed_loss_gradient_survives_the_scale_of_a_real_step(dtype):
-    # The trainer differentiates loss * world / n_tokens, and fp16 with GradScaler multiplies by 2^16 on top.
-    # fp16 must round the gradient once, after scaling: rounded before, eps / V (3e-6 at 32k) is subnormal.
-    torch.manual_seed(0)
-    logits = (3 * torch.randn(64, 32000)).to(dtype).requires_grad_()
-    target = torch.randint(1, 32000, (64,))
-    scale = (2.0 ** 16 if dtype == torch.float16 else 1.0) / 3000
-    loss, _ = label_smoothed_loss(logits, target, 0.1, pad=0)
-    (loss * scale).backward()
-    ref = logits.detach().double().requires_grad_()
-    (F.cross_entropy(ref, target, label_smoothing=0.1, ignore_index=0, reduction="sum") * scale).backward()
-    expected = ref.grad.to(dtype).double()  # the exact gradient, rounded once
-    if dtype == torch.float16:
-        torch.testing.assert_close(logits.grad.double(), expected, rtol=2 ** -10, atol=2 ** -24)
-    else:  # bf16 rounds twice (stored, then scaled): within two of its ulps
-        torch.testing.assert_close(logits.grad.double(), expected, rtol=2 ** -7, atol=0)
-
-
-def test_label_smoothed_loss_will_not_overwrite_a_leaf():
-    leaf = torch.randn(4, 5, requires_grad=True)
-    with pytest.raises(ValueError, match="leaf"):
-        label_smoothed_loss(leaf, torch.tensor([1, 2, 0, 3]), 0.1, pad=0, reuse_logits=True)
-
-
-def test_label_smoothed_loss_backward_twice_is_an_error():
-    logits = torch.randn(4, 5, requires_grad=True)
-    loss, _ = label_smoothed_loss(logits, torch.tensor([1, 2, 0, 3]), 0.1, pad=0)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward called twice"):
-        loss.backward()
 
 
 def test_schedule_follows_equation_3_of_the_paper():
@@ -280,15 +180,15 @@ def test_tokens_per_second_leave_out_the_time_spent_validating(tmp_path, monkeyp
     # tokens per training second, whatever the validations and checkpoints cost.
     clock = {"now": 0.0}
     monkeypatch.setattr(train_module.time, "time", lambda: clock["now"])
-    real_step, real_validate = Trainer.train_step, Trainer.validate
+    real_step, real_validate = Trainer.train_step, train_module.validate
 
     def step(self, *args):
         clock["now"] += 1.0
         return real_step(self, *args)
 
-    def validate(self):
+    def validate(*args):
         clock["now"] += 100.0
-        return real_validate(self)
+        return real_validate(*args)
 
     def save(self, *args, **kwargs):
         clock["now"] += 100.0
@@ -296,7 +196,7 @@ def test_tokens_per_second_leave_out_the_time_spent_validating(tmp_path, monkeyp
 
     real_save = Trainer.save
     monkeypatch.setattr(Trainer, "train_step", step)
-    monkeypatch.setattr(Trainer, "validate", validate)
+    monkeypatch.setattr(train_module, "validate", validate)
     monkeypatch.setattr(Trainer, "save", save)
     corpus = _write_corpus(tmp_path / "pairs")
     cfg = _tiny_config(tmp_path, corpus, "train.max_steps=8", "train.validate_every=2", "train.log_every=4",
@@ -311,23 +211,9 @@ def test_tokens_per_second_leave_out_the_time_spent_validating(tmp_path, monkeyp
     assert logged[-1]["elapsed_s"] >= 8 + 500
 
 
-def test_auto_precision_is_bf16_only_where_the_device_has_it_natively(monkeypatch):
-    from mt.train import resolve_precision
-
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    for flags, want in (((True, False), "bf16"), ((False, True), "bf16"), ((False, False), "fp32")):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=flags[0]: v, raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=flags[1]: v, raising=False)
-        assert resolve_precision("auto", cpu) == want, flags
-        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    for capability, want in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "fp32")):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, v=capability: v)
-        assert resolve_precision("auto", gpu) == want
-
-
 @pytest.mark.parametrize("native", [True, False])
 def test_trainer_with_auto_precision_trains_in_what_it_resolved(tmp_path, monkeypatch, native):
-    monkeypatch.setattr(mt.model, "native_bf16", lambda device: native)
+    monkeypatch.setattr(mt.runtime, "native_bf16", lambda device: native)
     used = []
     real_autocast = train_module.autocast
     monkeypatch.setattr(train_module, "autocast", lambda p, d: used.append(p) or real_autocast(p, d))

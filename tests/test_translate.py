@@ -82,9 +82,9 @@ def test_bf16_search_runs_in_bf16_and_agrees_with_fp32(tiny_checkpoint):
 def test_auto_precision_searches_in_bf16_only_where_it_is_native(tiny_checkpoint, monkeypatch, native):
     import torch
 
-    import mt.model
+    import mt.runtime
 
-    monkeypatch.setattr(mt.model, "native_bf16", lambda device: native)
+    monkeypatch.setattr(mt.runtime, "native_bf16", lambda device: native)
     t = load_translator(tiny_checkpoint, search_overrides=["decode.precision=auto"], device="cpu")
     assert {p.dtype for p in t.model.parameters()} == {torch.bfloat16 if native else torch.float32}
 

@@ -1,0 +1,111 @@
+"""Faster kernels for the paper's model, swapped in by `speed_up`: the one place they are chosen.
+
+`mt.model` is the reference: `nn.Dropout` and `scaled_dot_product_attention`. Each path here computes the same
+function and is tested against it (tests/test_fast.py); each was kept because it measurably pays
+(`python scripts/bench_fast.py`: paired runs of plain and fast, figures in docs/performance.md):
+
+- `Dropout` on a CPU draws 16 random bits per element instead of PyTorch's one `bernoulli_` draw each, and
+  applies the mask as numbers (a multiplication, forward and backward) instead of through `where`.
+- `attention` for bf16 on a CPU spells Equation 1 out, where PyTorch's fused CPU kernel is slow: in
+  training (its bf16 backward) and at a decoding step (few queries). On CUDA it runs SDPA without cuDNN's
+  kernel, which builds a new graph for every tensor shape it meets (varied batches, every decoding step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mt.model import MultiHeadAttention, sdpa_attention
+
+# bf16 inference on a CPU: up to this many queries per row (a decoding step's beams) by the spelled-out
+# Equation 1, more (a whole sentence) by the fused kernel, the faster one there.
+SPELLED_OUT_MAX_QUERIES = 16
+
+
+def speed_up(model: nn.Module) -> nn.Module:
+    """Swap the fast paths into `model` in place (every `nn.Dropout` and every attention) and return it.
+    The weights and the function computed stay the same; only the random dropout masks differ."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                setattr(module, name, Dropout(child.p))
+        if isinstance(module, MultiHeadAttention):
+            module.kernel = attention
+    return model
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (zero each element with probability p, scale the rest by 1 / (1 - p)) with a cheaper mask
+    on a CPU; elsewhere PyTorch's fused kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """x (...) -> (...). On a CPU each element gets 16 random bits (four per 64-bit draw) and is kept when they
+    are at or above round(p * 2^16): the keep probability is within 2^-17 of 1 - p, and kept elements are
+    scaled by the exact inverse of it."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    drop = round(p * 65536)
+    scale = 65536 / (65536 - drop) if drop < 65536 else 0.0
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64)
+    bits.random_(-2 ** 63, None)  # the full 64-bit range: with no bounds, random_ leaves the sign bit zero
+    # The mask as 0/1 numbers in x's dtype where that is 2 bytes, else in one byte, so that applying it here
+    # and in the backward pass is a multiplication; the scale is applied in float32 or wider, rounded once.
+    mask_dtype = x.dtype if x.element_size() <= 2 else torch.uint8
+    keep = torch.ge(bits.view(torch.int16)[:x.numel()].view(x.shape), drop - 32768,
+                    out=torch.empty(x.shape, dtype=mask_dtype))
+    return (x * keep).mul_(scale)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False,
+              dropout_p: float = 0.0) -> Tensor:
+    """`mt.model.sdpa_attention`, by the fastest path for the device and dtype: the same arguments and result,
+    q (B, H, Lq, Dh), k and v (B, H, Lk, Dh), mask broadcastable to (B, H, Lq, Lk) -> (B, H, Lq, Dh)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and (torch.is_grad_enabled()
+                                                                 or q.size(-2) <= SPELLED_OUT_MAX_QUERIES):
+        return attention_spelled_out(q, k, v, mask, causal, dropout_p)
+    if q.device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
+        backends = sdpa_backends_without_cudnn()
+        with sdpa_kernel(backends) if backends else contextlib.nullcontext():  # unless cuDNN is all that is on
+            return sdpa_attention(q, k, v, mask, causal, dropout_p)
+    return sdpa_attention(q, k, v, mask, causal, dropout_p)
+
+
+def attention_spelled_out(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
+                          dropout_p: float) -> Tensor:
+    """Equation 1 as two batched products in q's dtype around a float32 softmax; shapes as `attention`'s.
+
+    For bf16 on a CPU: PyTorch's fused CPU kernel has a bf16 backward several times slower than its float32
+    one, and a costly start for the few queries of a decoding step. Masking follows SDPA: `causal` aligns at
+    the top left (query i sees keys 0..i), and a query that may see no key gets zeros, not NaN.
+    """
+    scores = torch.matmul(q, k.transpose(-2, -1)).float().mul_(q.size(-1) ** -0.5)  # (B, H, Lq, Lk)
+    if causal:
+        lq, lk = scores.shape[-2:]
+        scores.masked_fill_(torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    if mask is not None:
+        probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return torch.matmul(dropout(probs.to(q.dtype), dropout_p), v)
+
+
+def sdpa_backends_without_cudnn() -> list[SDPBackend]:
+    """SDPA's GPU kernels that are enabled (torch.backends.cuda), cuDNN's left out. Read at each call, so a
+    user's own choice of kernels still holds, and per attention call, so activation checkpointing recomputes
+    with the same kernel."""
+    cuda = torch.backends.cuda
+    return [backend for backend, on in ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
+                                        (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
+                                        (SDPBackend.MATH, cuda.math_sdp_enabled())) if on]

@@ -1,0 +1,106 @@
+"""Where and how the model runs: the device, the precision, autocast, torchrun's process group, RNG states,
+and the allocator setting for CPU training.
+
+Training (`mt.train`) and search (`mt.translate`) resolve their device and precision here, so `auto` means
+the same thing in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from mt.errors import MTError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when present; under torchrun each process takes the GPU of its LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MTError(f"train.device is '{name}' but no CUDA device is available")
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matrix products natively: a CUDA GPU from Ampere on, or an x86 CPU with
+    AVX512-BF16 or AMX. Elsewhere bf16 products are emulated through float32 and gain nothing (ARM CPUs with
+    bf16 instructions are not detected)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8  # this device, not the current one
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                        "_is_amx_tile_supported"))
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision` or `decode.precision` on `device`: `auto` becomes bf16 where it is native, else fp32;
+    the others stay as they are."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA and CPU; fp16 on CUDA only (it needs the gradient scaler)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): from torchrun's environment, (0, 1) in a single process.
+
+    NCCL on CUDA, gloo on the CPU. Every rank runs the same loop; only rank 0 validates, logs and saves.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def keep_freed_memory(device: torch.device) -> bool:
+    """On a CPU, ask glibc to keep freed blocks for reuse instead of returning them to the kernel. Returns
+    whether it did.
+
+    glibc maps blocks over 32 MiB afresh and trims freed heap, so a CPU training step whose logits exceed
+    that (4k tokens x 8k types) faults their pages in again at every step. A GPU run's large tensors live in
+    PyTorch's caching allocator, so it is left alone there. Also left alone: a user's own glibc settings
+    (MALLOC_*, GLIBC_TUNABLES) and C libraries other than glibc. The A/B figures are in docs/performance.md.
+    """
+    if (device.type != "cpu" or sys.platform != "linux"
+            or any(k.startswith(("MALLOC_", "GLIBC_TUNABLES")) for k in os.environ)):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, (1 << 31) - 1))
