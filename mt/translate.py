@@ -60,7 +60,7 @@ def search(model: Transformer, src: torch.Tensor, dc: DecodeConfig) -> SearchOut
         return greedy_search(model, src, **common)
     if dc.method == "sample":
         return sample(model, src, temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p, **common)
-    return beam_search(model, src, beam_size=dc.beam_size, length_penalty=dc.length_penalty, nbest=dc.nbest,
+    return beam_search(model, src, beam_size=dc.beam_size, alpha=dc.length_penalty, nbest=dc.nbest,
                        **common)
 
 
