@@ -65,9 +65,6 @@ class Vocab:
             return cls(src, src, True, src_proto, src_proto)
         return cls(src, spm.SentencePieceProcessor(model_proto=tgt_proto), False, src_proto, tgt_proto)
 
-    def decode_tgt(self, ids: list[list[int]]) -> list[str]:
-        return self.tgt.decode(ids)
-
 
 def model_paths(run_dir: Path, joint: bool) -> tuple[Path, Path]:
     if joint:
