@@ -41,64 +41,79 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one config value (repeatable), e.g. --set train.max_steps=2000")
-        p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-        p.add_argument("--quiet", action="store_true", help="log warnings only")
+    def common(command_parser: argparse.ArgumentParser) -> None:
+        command_parser.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            help="override one config value (repeatable), e.g. --set train.max_steps=2000")
+        command_parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        command_parser.add_argument("--quiet", action="store_true", help="log warnings only")
 
     fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("train", help="learn the vocabulary, encode the data and train a model",
-                       description="Train a model from a YAML config; writes everything to the config's run_dir.",
-                       epilog=EPILOG_TRAIN, formatter_class=fmt)
-    p.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoint_last.pt")
-    p.add_argument("--prepare-only", action="store_true",
-                   help="stop after the vocabulary, the encoded cache and the batch statistics")
-    common(p)
+    train_parser = sub.add_parser(
+        "train", help="learn the vocabulary, encode the data and train a model",
+        description="Train a model from a YAML config; writes everything to the config's run_dir.",
+        epilog=EPILOG_TRAIN, formatter_class=fmt)
+    train_parser.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
+    train_parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoint_last.pt")
+    train_parser.add_argument("--prepare-only", action="store_true",
+                              help="stop after the vocabulary, the encoded cache and the batch statistics")
+    common(train_parser)
 
-    p = sub.add_parser("translate", help="translate a file or stdin with a trained checkpoint",
-                       description="Translate one sentence per line; output keeps input order and line count.",
-                       epilog=EPILOG_TRANSLATE, formatter_class=fmt)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by mt train or mt average")
-    p.add_argument("--input", default="-", help="source text, one sentence per line (default: stdin)")
-    p.add_argument("--output", default="-", help="where to write translations (default: stdout)")
-    _search_options(p)
-    p.add_argument("--nbest", type=int, help="write the N best hypotheses per line as 'line ||| text ||| score'")
-    common(p)
+    translate_parser = sub.add_parser(
+        "translate", help="translate a file or stdin with a trained checkpoint",
+        description="Translate one sentence per line; output keeps input order and line count.",
+        epilog=EPILOG_TRANSLATE, formatter_class=fmt)
+    translate_parser.add_argument("--checkpoint", required=True,
+                                  help="a checkpoint written by mt train or mt average")
+    translate_parser.add_argument("--input", default="-",
+                                  help="source text, one sentence per line (default: stdin)")
+    translate_parser.add_argument("--output", default="-", help="where to write translations (default: stdout)")
+    _search_options(translate_parser)
+    translate_parser.add_argument("--nbest", type=int,
+                                  help="write the N best hypotheses per line as 'line ||| text ||| score'")
+    common(translate_parser)
 
-    p = sub.add_parser("eval", help="score translations with sacreBLEU (BLEU and chrF)",
-                       description="Score a hypothesis file, or translate then score, with sacreBLEU.",
-                       epilog=EPILOG_EVAL, formatter_class=fmt)
-    p.add_argument("--hyp", help="hypothesis file to score")
-    p.add_argument("--ref", nargs="+", help="reference file(s)")
-    p.add_argument("--checkpoint", help="translate --src (or the -t test set) with this checkpoint first")
-    p.add_argument("--src", help="source file to translate (with --checkpoint)")
-    p.add_argument("-t", "--test-set", help="a sacreBLEU test set by name, e.g. wmt14 (with --checkpoint)")
-    p.add_argument("-l", "--language-pair", help="the test set's language pair, e.g. en-de")
-    p.add_argument("--output", help="also write the translations here (with --checkpoint)")
-    _search_options(p)
-    common(p)
+    eval_parser = sub.add_parser(
+        "eval", help="score translations with sacreBLEU (BLEU and chrF)",
+        description="Score a hypothesis file, or translate then score, with sacreBLEU.",
+        epilog=EPILOG_EVAL, formatter_class=fmt)
+    eval_parser.add_argument("--hyp", help="hypothesis file to score")
+    eval_parser.add_argument("--ref", nargs="+", help="reference file(s)")
+    eval_parser.add_argument("--checkpoint", help="translate --src (or the -t test set) with this checkpoint first")
+    eval_parser.add_argument("--src", help="source file to translate (with --checkpoint)")
+    eval_parser.add_argument("-t", "--test-set",
+                             help="a sacreBLEU test set by name, e.g. wmt14 (with --checkpoint)")
+    eval_parser.add_argument("-l", "--language-pair", help="the test set's language pair, e.g. en-de")
+    eval_parser.add_argument("--output", help="also write the translations here (with --checkpoint)")
+    _search_options(eval_parser)
+    common(eval_parser)
 
-    p = sub.add_parser("average", help="average the parameters of several checkpoints (Section 6.1)",
-                       description="Average the last N checkpoints of a run, or a given list, into one.")
-    p.add_argument("--run-dir", help="take the last --last step checkpoints of this run directory")
-    p.add_argument("--last", type=int, default=5, help="how many checkpoints to average (default 5)")
-    p.add_argument("--checkpoints", nargs="+", help="explicit list of checkpoints to average")
-    p.add_argument("--output", help="where to write the average (default: RUN_DIR/checkpoint_avg.pt)")
-    common(p)
+    average_parser = sub.add_parser(
+        "average", help="average the parameters of several checkpoints (Section 6.1)",
+        description="Average the last N checkpoints of a run, or a given list, into one.")
+    average_parser.add_argument("--run-dir", help="take the last --last step checkpoints of this run directory")
+    average_parser.add_argument("--last", type=int, default=5, help="how many checkpoints to average (default 5)")
+    average_parser.add_argument("--checkpoints", nargs="+", help="explicit list of checkpoints to average")
+    average_parser.add_argument("--output",
+                                help="where to write the average (default: RUN_DIR/checkpoint_avg.pt)")
+    common(average_parser)
     return parser
 
 
-def _search_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam-size", type=int, help="beam width (default: the checkpoint's decode.beam_size)")
-    p.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha (default: decode.length_penalty)")
-    p.add_argument("--method", choices=("beam", "greedy", "sample"), help="search method (default: beam)")
-    p.add_argument("--max-tokens", type=int, help="source tokens per batch (default: decode.max_tokens)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"),
-                   help="weights to search with: bf16 is faster on GPUs and CPUs with bf16 matmuls; auto picks it "
-                        "where they have them (default: decode.precision, fp32)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+def _search_options(command_parser: argparse.ArgumentParser) -> None:
+    command_parser.add_argument("--beam-size", type=int,
+                                help="beam width (default: the checkpoint's decode.beam_size)")
+    command_parser.add_argument("--length-penalty", type=float,
+                                help="GNMT length penalty alpha (default: decode.length_penalty)")
+    command_parser.add_argument("--method", choices=("beam", "greedy", "sample"),
+                                help="search method (default: beam)")
+    command_parser.add_argument("--max-tokens", type=int,
+                                help="source tokens per batch (default: decode.max_tokens)")
+    command_parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "auto"),
+        help="weights to search with: bf16 is faster on GPUs and CPUs with bf16 matmuls; auto picks it "
+             "where they have them (default: decode.precision, fp32)")
+    command_parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def main(argv: list[str] | None = None) -> int:

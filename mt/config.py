@@ -207,20 +207,21 @@ def apply_override(raw: dict, item: str) -> None:
     keys = dotted.strip().split(".")
     # Checked here, so that a mistyped --set is reported as such and not under the config file's name.
     cls: Any = Config
-    for depth, k in enumerate(keys):
+    for depth, key in enumerate(keys):
         names = [f.name for f in dataclasses.fields(cls)]
-        if k not in names:
-            raise MTError(f"--set {item}: {_unknown_key(k, names, ''.join(s + '.' for s in keys[:depth]))}")
-        cls = typing.get_type_hints(cls)[k]
+        if key not in names:
+            section = "".join(part + "." for part in keys[:depth])
+            raise MTError(f"--set {item}: {_unknown_key(key, names, section)}")
+        cls = typing.get_type_hints(cls)[key]
         if depth < len(keys) - 1 and not dataclasses.is_dataclass(cls):
-            raise MTError(f"--set {item}: {k} is not a section")
+            raise MTError(f"--set {item}: {key} is not a section")
     node = raw
-    for k in keys[:-1]:
-        if node.get(k) is None:  # absent, or an empty section
-            node[k] = {}
-        node = node[k]
+    for key in keys[:-1]:
+        if node.get(key) is None:  # absent, or an empty section
+            node[key] = {}
+        node = node[key]
         if not isinstance(node, dict):
-            raise MTError(f"--set {item}: {k} is not a section")
+            raise MTError(f"--set {item}: {key} is not a section")
     try:
         node[keys[-1]] = _parse_yaml(value)
     except yaml.YAMLError:
@@ -309,67 +310,71 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise bad(f"{section}.{key}", f"must be one of {', '.join(allowed)}, got '{value}'{hint}")
 
-    d, m, t, s = cfg.data, cfg.model, cfg.train, cfg.decode
-    if d.src_lang == d.tgt_lang:
-        raise bad("data.src_lang", f"and data.tgt_lang must differ, both are '{d.src_lang}'")
+    data, model, train, decode = cfg.data, cfg.model, cfg.train, cfg.decode
+    if data.src_lang == data.tgt_lang:
+        raise bad("data.src_lang", f"and data.tgt_lang must differ, both are '{data.src_lang}'")
     positive = {
-        "data.vocab_size": d.vocab_size, "data.max_len": d.max_len, "data.max_tokens": d.max_tokens,
-        "data.spm_max_sentences": d.spm_max_sentences,
-        "model.d_model": m.d_model, "model.n_heads": m.n_heads, "model.n_layers": m.n_layers,
-        "model.d_ff": m.d_ff, "model.max_positions": m.max_positions,
-        "train.update_freq": t.update_freq, "train.max_steps": t.max_steps, "train.warmup_steps": t.warmup_steps,
-        "train.validate_every": t.validate_every, "train.log_every": t.log_every, "train.save_every": t.save_every,
-        "train.keep_checkpoints": t.keep_checkpoints, "train.lr_scale": t.lr_scale, "train.adam_eps": t.adam_eps,
-        "decode.beam_size": s.beam_size, "decode.nbest": s.nbest, "decode.max_tokens": s.max_tokens,
-        "decode.temperature": s.temperature,
+        "data.vocab_size": data.vocab_size, "data.max_len": data.max_len, "data.max_tokens": data.max_tokens,
+        "data.spm_max_sentences": data.spm_max_sentences,
+        "model.d_model": model.d_model, "model.n_heads": model.n_heads, "model.n_layers": model.n_layers,
+        "model.d_ff": model.d_ff, "model.max_positions": model.max_positions,
+        "train.update_freq": train.update_freq, "train.max_steps": train.max_steps,
+        "train.warmup_steps": train.warmup_steps, "train.validate_every": train.validate_every,
+        "train.log_every": train.log_every, "train.save_every": train.save_every,
+        "train.keep_checkpoints": train.keep_checkpoints, "train.lr_scale": train.lr_scale,
+        "train.adam_eps": train.adam_eps,
+        "decode.beam_size": decode.beam_size, "decode.nbest": decode.nbest, "decode.max_tokens": decode.max_tokens,
+        "decode.temperature": decode.temperature,
     }
     for key, value in positive.items():
         if value <= 0:
             raise bad(key, f"must be positive, got {value}")
     non_negative = {
-        "data.min_len": d.min_len, "data.encode_threads": d.encode_threads, "train.max_epochs": t.max_epochs,
-        "train.max_time_minutes": t.max_time_minutes, "train.patience": t.patience,
-        "train.weight_decay": t.weight_decay, "train.clip_norm": t.clip_norm, "train.average_last": t.average_last,
-        "train.num_threads": t.num_threads, "decode.max_len_b": s.max_len_b, "decode.max_len_a": s.max_len_a,
-        "decode.top_k": s.top_k, "decode.length_penalty": s.length_penalty,
+        "data.min_len": data.min_len, "data.encode_threads": data.encode_threads,
+        "train.max_epochs": train.max_epochs, "train.max_time_minutes": train.max_time_minutes,
+        "train.patience": train.patience, "train.weight_decay": train.weight_decay,
+        "train.clip_norm": train.clip_norm, "train.average_last": train.average_last,
+        "train.num_threads": train.num_threads,
+        "decode.max_len_b": decode.max_len_b, "decode.max_len_a": decode.max_len_a, "decode.top_k": decode.top_k,
+        "decode.length_penalty": decode.length_penalty,
     }
-    if m.n_decoder_layers is not None:
-        non_negative["model.n_decoder_layers"] = m.n_decoder_layers
+    if model.n_decoder_layers is not None:
+        non_negative["model.n_decoder_layers"] = model.n_decoder_layers
     for key, value in non_negative.items():
         if value < 0:
             raise bad(key, f"must not be negative, got {value}")
     probabilities = {
-        "model.dropout": m.dropout, "model.attention_dropout": m.attention_dropout,
-        "model.activation_dropout": m.activation_dropout, "train.label_smoothing": t.label_smoothing,
+        "model.dropout": model.dropout, "model.attention_dropout": model.attention_dropout,
+        "model.activation_dropout": model.activation_dropout, "train.label_smoothing": train.label_smoothing,
     }
     for key, value in probabilities.items():
         if not 0.0 <= value < 1.0:
             raise bad(key, f"must be in [0, 1), got {value}")
-    if d.min_len > d.max_len:
-        raise bad("data.min_len", f"({d.min_len}) is larger than data.max_len ({d.max_len})")
-    if d.max_len_ratio < 1.0:
-        raise bad("data.max_len_ratio", f"must be at least 1, got {d.max_len_ratio}")
-    if not 0.9 <= d.character_coverage <= 1.0:
-        raise bad("data.character_coverage", f"must be in [0.9, 1], got {d.character_coverage}")
-    if d.vocab_size < 8:
-        raise bad("data.vocab_size", f"must be at least 8 (4 special tokens + pieces), got {d.vocab_size}")
-    if d.max_tokens < d.max_len + 2:
-        raise bad("data.max_tokens", f"({d.max_tokens}) must hold one sentence of data.max_len + 2 tokens")
-    if m.d_model % m.n_heads:
-        raise bad("model.d_model", f"({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
-    if m.d_model % 2:
-        raise bad("model.d_model", f"must be even for the sinusoidal encodings, got {m.d_model}")
-    for i, b in enumerate(t.adam_betas):
-        if not 0.0 <= b < 1.0:
-            raise bad(f"train.adam_betas[{i}]", f"must be in [0, 1), got {b}")
-    if t.peak_lr is not None and t.peak_lr <= 0:
-        raise bad("train.peak_lr", f"must be positive, got {t.peak_lr}")
-    if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda"):
-        raise bad("train.device", f"must be auto, cpu, cuda or cuda:N, got '{t.device}'")
-    if not 0.0 < s.top_p <= 1.0:
-        raise bad("decode.top_p", f"must be in (0, 1], got {s.top_p}")
-    if s.nbest > s.beam_size and s.method == "beam":
-        raise bad("decode.nbest", f"({s.nbest}) cannot exceed decode.beam_size ({s.beam_size})")
+    if data.min_len > data.max_len:
+        raise bad("data.min_len", f"({data.min_len}) is larger than data.max_len ({data.max_len})")
+    if data.max_len_ratio < 1.0:
+        raise bad("data.max_len_ratio", f"must be at least 1, got {data.max_len_ratio}")
+    if not 0.9 <= data.character_coverage <= 1.0:
+        raise bad("data.character_coverage", f"must be in [0.9, 1], got {data.character_coverage}")
+    if data.vocab_size < 8:
+        raise bad("data.vocab_size", f"must be at least 8 (4 special tokens + pieces), got {data.vocab_size}")
+    if data.max_tokens < data.max_len + 2:
+        raise bad("data.max_tokens", f"({data.max_tokens}) must hold one sentence of data.max_len + 2 tokens")
+    if model.d_model % model.n_heads:
+        raise bad("model.d_model", f"({model.d_model}) must be divisible by model.n_heads ({model.n_heads})")
+    if model.d_model % 2:
+        raise bad("model.d_model", f"must be even for the sinusoidal encodings, got {model.d_model}")
+    for i, beta in enumerate(train.adam_betas):
+        if not 0.0 <= beta < 1.0:
+            raise bad(f"train.adam_betas[{i}]", f"must be in [0, 1), got {beta}")
+    if train.peak_lr is not None and train.peak_lr <= 0:
+        raise bad("train.peak_lr", f"must be positive, got {train.peak_lr}")
+    if train.device != "auto" and train.device != "cpu" and not train.device.startswith("cuda"):
+        raise bad("train.device", f"must be auto, cpu, cuda or cuda:N, got '{train.device}'")
+    if not 0.0 < decode.top_p <= 1.0:
+        raise bad("decode.top_p", f"must be in (0, 1], got {decode.top_p}")
+    if decode.nbest > decode.beam_size and decode.method == "beam":
+        raise bad("decode.nbest", f"({decode.nbest}) cannot exceed decode.beam_size ({decode.beam_size})")
     if not cfg.run_dir:
         raise bad("run_dir", "must not be empty")
 

@@ -63,8 +63,9 @@ def score(hyps: list[str], refs: list[str] | list[list[str]], trg_lang: str = ""
             raise MTError(f"{len(hyps)} hypotheses but {len(stream)} lines in reference stream {number} of "
                           f"{len(streams)}: the counts must match")
     bleu, chrf = BLEU(trg_lang=trg_lang), CHRF()
-    b, c = bleu.corpus_score(hyps, streams), chrf.corpus_score(hyps, streams)
-    return Scores(b.score, c.score, str(bleu.get_signature()), str(chrf.get_signature()), b.format(), c.format())
+    bleu_score, chrf_score = bleu.corpus_score(hyps, streams), chrf.corpus_score(hyps, streams)
+    return Scores(bleu_score.score, chrf_score.score, str(bleu.get_signature()), str(chrf.get_signature()),
+                  bleu_score.format(), chrf_score.format())
 
 
 def read_hyp_ref(hyp_path: str | Path, ref_paths: list[str | Path] | str | Path

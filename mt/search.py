@@ -62,9 +62,6 @@ def length_penalty(length: Tensor, alpha: float) -> Tensor:
     return ((5.0 + length.float()) / 6.0) ** alpha
 
 
-_lp = length_penalty  # beam_search's `length_penalty` argument (the GNMT alpha) shadows the function's name
-
-
 def max_lengths(src: Tensor, pad: int, max_len_a: float, max_len_b: int) -> Tensor:
     """src (batch, src_len) -> (batch,) long: each sentence's output limit, EOS included,
     floor(a * non-pad source tokens + b), at least 1."""
@@ -246,7 +243,7 @@ def sample(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float
 
 @torch.inference_mode()
 def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: int = 4,
-                length_penalty: float = 0.6, nbest: int = 1, max_len_a: float = 1.0, max_len_b: int = 50,
+                alpha: float = 0.6, nbest: int = 1, max_len_a: float = 1.0, max_len_b: int = 50,
                 min_len: int = 0, sync_every: int | None = None) -> SearchOutput:
     """Beam search (Section 6.1: beam 4, alpha 0.6) over all sentences and beams at once.
     src (batch, src_len) long, padded with pad -> SearchOutput with `nbest` (<= beam_size) hypotheses each.
@@ -254,8 +251,9 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
     Each sentence keeps K = beam_size live hypotheses and a list of its K best finished ones. At every step
     the K * vocab extensions of its live hypotheses are ranked by summed log-prob and the best 2K kept
     (fairseq, tensor2tensor): an EOS extension ranked within the top K finishes, scored
-    log P(Y) / lp(|Y|) with `length_penalty` as alpha, and joins the finished list (the best K stay); the
-    best K extensions that are not EOS become the live hypotheses, so a finished one never occupies a beam.
+    log P(Y) / lp(|Y|) with lp = `length_penalty(|Y|, alpha)`, and joins the finished list (the best K
+    stay); the best K extensions that are not EOS become the live hypotheses, so a finished one never
+    occupies a beam.
     With K = 1 and alpha = 0 this is greedy search.
 
     A sentence is done when no live hypothesis can still beat its K-th best finished one. Log-probs are
@@ -268,11 +266,11 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
     """
     if not 1 <= nbest <= beam_size:
         raise ValueError(f"need 1 <= nbest <= beam_size, got nbest={nbest}, beam_size={beam_size}")
-    alpha, K = length_penalty, beam_size
+    K = beam_size
     B, device = src.size(0), src.device
     limit = max_lengths(src, pad, max_len_a, max_len_b)  # (B,)
     shortest, steps = _limit_range(limit)  # one read before the loop; steps: the buffers' width
-    lp = _lp(torch.arange(steps + 2, device=device), alpha)  # (steps + 2,) lp of each length
+    lp = length_penalty(torch.arange(steps + 2, device=device), alpha)  # (steps + 2,) lp of each length
     lp_limit = lp[limit]  # (B,)
     state = model.start_decoding(src, steps, beam_size=K)  # rows g*K .. g*K+K-1 decode sentence g
 

@@ -54,41 +54,41 @@ def load_translator(checkpoint: str | Path, overrides: Iterable[str] = (), searc
     return Translator(model.to(dev, dtype), vocab, cfg.decode, dev)
 
 
-def search(model: Transformer, src: torch.Tensor, dc: DecodeConfig) -> SearchOutput:
+def search(model: Transformer, src: torch.Tensor, decode: DecodeConfig) -> SearchOutput:
     """src (batch, src_len) -> the configured search's output."""
-    common = dict(bos=BOS, eos=EOS, pad=PAD, max_len_a=dc.max_len_a, max_len_b=dc.max_len_b)
-    if dc.method == "greedy":
+    common = dict(bos=BOS, eos=EOS, pad=PAD, max_len_a=decode.max_len_a, max_len_b=decode.max_len_b)
+    if decode.method == "greedy":
         return greedy_search(model, src, **common)
-    if dc.method == "sample":
-        return sample(model, src, temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p, **common)
-    return beam_search(model, src, beam_size=dc.beam_size, length_penalty=dc.length_penalty, nbest=dc.nbest,
+    if decode.method == "sample":
+        return sample(model, src, temperature=decode.temperature, top_k=decode.top_k, top_p=decode.top_p, **common)
+    return beam_search(model, src, beam_size=decode.beam_size, alpha=decode.length_penalty, nbest=decode.nbest,
                        **common)
 
 
-def translate_nbest(t: Translator, lines: list[str]) -> list[list[tuple[str, float]]]:
+def translate_nbest(translator: Translator, lines: list[str]) -> list[list[tuple[str, float]]]:
     """Translate `lines`; for each, its n-best (text, score) list, best first (empty lines: [("", 0.0)])."""
     results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
     todo = [i for i, line in enumerate(lines) if line.strip()]
     if not todo:
         return results
-    ids = t.vocab.src.encode([lines[i] for i in todo])
+    ids = translator.vocab.src.encode([lines[i] for i in todo])
     lens = np.fromiter(map(len, ids), np.int64, len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lens.sum()))
     offsets = np.concatenate([[0], np.cumsum(lens)])
-    for batch in make_batches(lens, np.zeros_like(lens), t.decode.max_tokens, 0, 0, shuffle=False):
+    for batch in make_batches(lens, np.zeros_like(lens), translator.decode.max_tokens, 0, 0, shuffle=False):
         src = torch.from_numpy(pad_sentences(flat, offsets, batch, prefix=None, suffix=EOS))
-        out = search(t.model, src.to(t.device), t.decode)
+        out = search(translator.model, src.to(translator.device), translator.decode)
         tokens, scores = out.tokens.tolist(), out.scores.tolist()
         for row, j in enumerate(batch.tolist()):
             results[todo[j]] = [
-                (t.vocab.tgt.decode([x for x in hyp if x not in (PAD, EOS)]), score)
+                (translator.vocab.tgt.decode([x for x in hyp if x not in (PAD, EOS)]), score)
                 for hyp, score in zip(tokens[row], scores[row])
             ]
     return results
 
 
-def translate_lines(t: Translator, lines: list[str]) -> list[str]:
-    return [nbest[0][0] for nbest in translate_nbest(t, lines)]
+def translate_lines(translator: Translator, lines: list[str]) -> list[str]:
+    return [nbest[0][0] for nbest in translate_nbest(translator, lines)]
 
 
 def write_lines(path: str | Path, lines: Iterable[str]) -> None:
@@ -103,7 +103,7 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def translate_stream(t: Translator, input: str = "-", output: str = "-", nbest: int | None = None) -> int:
+def translate_stream(translator: Translator, input: str = "-", output: str = "-", nbest: int | None = None) -> int:
     """Translate `input` (a path or '-' for stdin) into `output` (a path or '-'); returns the line count."""
     lines = read_lines(input)
     count = 0
@@ -111,7 +111,7 @@ def translate_stream(t: Translator, input: str = "-", output: str = "-", nbest: 
     def formatted() -> Iterator[str]:
         nonlocal count
         for chunk in _chunks(lines, CHUNK_LINES):
-            for k, hyps in enumerate(translate_nbest(t, chunk)):
+            for k, hyps in enumerate(translate_nbest(translator, chunk)):
                 if nbest:
                     for text, score in hyps[:nbest]:
                         yield f"{count + k} ||| {text} ||| {score:.4f}"

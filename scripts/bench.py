@@ -173,7 +173,7 @@ def decode_run(system: str, model, vocab, lines: list[str], out_len: int, batch_
         src = torch.tensor([x + [0] * (width - len(x)) for x in chunk]).to(device)
         with torch.inference_mode():
             if system != "hf":
-                beam_search(model, src, beam_size=4, length_penalty=0.6, bos=2, eos=3, pad=0,
+                beam_search(model, src, beam_size=4, alpha=0.6, bos=2, eos=3, pad=0,
                             max_len_a=0.0, max_len_b=out_len, min_len=out_len)
             else:
                 model.generate(input_ids=src, attention_mask=src.ne(0), num_beams=4, length_penalty=0.6,

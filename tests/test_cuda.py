@@ -83,7 +83,7 @@ def test_loss_on_cuda_matches_the_cpu_in_value_and_gradient(monkeypatch, dtype, 
 def test_beam_search_on_cuda_matches_the_cpu_and_does_not_depend_on_the_sync_period():
     model = _model(seed=3).eval()
     src, _ = _padded_batch(seed=4, batch=8, src_len=12)
-    kwargs = dict(beam_size=4, length_penalty=0.6, bos=BOS, eos=EOS, pad=PAD, max_len_a=1.0, max_len_b=5, nbest=2)
+    kwargs = dict(beam_size=4, alpha=0.6, bos=BOS, eos=EOS, pad=PAD, max_len_a=1.0, max_len_b=5, nbest=2)
     with torch.inference_mode():
         ref = beam_search(model, src, **kwargs)
         gpu_model = copy.deepcopy(model).cuda()

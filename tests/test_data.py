@@ -60,7 +60,7 @@ def fail(*args, **kwargs):
 
 
 def test_plain_gzip_tsv_and_hf_forms_give_the_same_pairs(tmp_path, monkeypatch, no_network):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     prefix = write_pairs(tmp_path / "plain", 30)
@@ -109,6 +109,7 @@ def test_plain_gzip_tsv_and_hf_forms_give_the_same_pairs(tmp_path, monkeypatch, 
 
 
 def test_hub_dataset_that_cannot_load_is_a_one_line_error_without_the_network(no_network):
+    pytest.importorskip("datasets")
     # conftest sets HF_DATASETS_OFFLINE / HF_HUB_OFFLINE before `datasets` is imported, so this must fail at
     # once: were the network tried, each attempt would be refused and recorded (and retried for ~20 s).
     spec = "hf:no-such-user/no-such-dataset:de-en:train"
@@ -123,7 +124,7 @@ def test_hub_dataset_that_cannot_load_is_a_one_line_error_without_the_network(no
 
 
 def test_hf_rows_without_the_languages_are_an_error(tmp_path, monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     jsonl = tmp_path / "x.jsonl"

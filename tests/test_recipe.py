@@ -5,10 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import DATA, ROOT
 
 
 def test_wmt14_recipe_runs_on_the_local_news_sample(tmp_path):
+    pytest.importorskip("datasets")  # prepare_wmt14.py and the `hf:` training data read through it
     out = tmp_path / "wmt14"
     prep = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_wmt14.py"), "--sample",
                            str(DATA / "wmt-sample"), "--out", str(out)], capture_output=True, text=True)

@@ -183,7 +183,7 @@ def test_beam_search_nbest_matches_exhaustive_enumeration(alpha, min_len):
     stub = StubModel(random_table(seed=3))
     # Step t has at most 4**t live prefixes x 5 finite extensions (4 words, EOS): 5, 20, 80, then 64 forced
     # EOS. All fit within the top K = 128, as do all 85 outputs, so no prefix is ever dropped: exhaustive.
-    out = beam_search(stub, src_of([2, 2]), **IDS, beam_size=128, length_penalty=alpha, nbest=5,
+    out = beam_search(stub, src_of([2, 2]), **IDS, beam_size=128, alpha=alpha, nbest=5,
                       max_len_a=0.0, max_len_b=max_len, min_len=min_len)
     assert out.tokens.shape[:2] == (2, 5)
     for s in range(2):
@@ -205,7 +205,7 @@ def test_greedy_takes_the_hand_computed_path_and_beam_search_finds_the_better_ou
     assert hyp(greedy, 0) == [A, A, EOS]
     assert greedy.scores[0, 0].item() == pytest.approx(math.log(0.6 * 0.45 * 1.0), abs=1e-4)
     assert greedy.lengths.tolist() == [[3]]
-    beam = beam_search(stub, src_of([1]), **IDS, beam_size=2, length_penalty=0.0, nbest=2,
+    beam = beam_search(stub, src_of([1]), **IDS, beam_size=2, alpha=0.0, nbest=2,
                        max_len_a=0.0, max_len_b=10)
     assert [hyp(beam, 0, 0), hyp(beam, 0, 1)] == [[B, EOS], [A, A, EOS]]
     torch.testing.assert_close(beam.scores[0], torch.tensor([math.log(0.36), math.log(0.27)]),
@@ -219,7 +219,7 @@ def test_beam_search_keeps_going_while_a_live_hypothesis_can_still_win():
     table = hand_table({(): {EOS: 0.5, A: 0.3, B: 0.2}, (A,): {EOS: 0.6, A: 0.4}, (B,): {A: 1.0},
                         (B, A): {A: 1.0}, (B, A, A): {EOS: 1.0}})
     stub = StubModel(table)
-    out = beam_search(stub, src_of([1]), **IDS, beam_size=2, length_penalty=3.0, max_len_a=0.0, max_len_b=6)
+    out = beam_search(stub, src_of([1]), **IDS, beam_size=2, alpha=3.0, max_len_a=0.0, max_len_b=6)
     best_score, best = brute_force(stub, 0, 6, 3.0)[0]
     assert best == [B, A, A, EOS] and hyp(out, 0) == best
     assert out.scores[0, 0].item() == pytest.approx(best_score, abs=1e-5)
@@ -230,7 +230,7 @@ def test_beam_size_1_without_length_penalty_equals_greedy_on_the_stub():
     src = src_of([1, 2, 3, 4])
     kw = dict(**IDS, max_len_a=1.0, max_len_b=3)
     greedy = greedy_search(stub, src, **kw)
-    beam = beam_search(stub, src, beam_size=1, length_penalty=0.0, **kw)
+    beam = beam_search(stub, src, beam_size=1, alpha=0.0, **kw)
     assert torch.equal(greedy.tokens, beam.tokens) and torch.equal(greedy.lengths, beam.lengths)
     torch.testing.assert_close(greedy.scores, beam.scores)
 
@@ -244,7 +244,7 @@ def test_search_stops_as_soon_as_every_sentence_is_done(search):
     stub = StubModel(EOS_FIRST)
     kw = dict(**IDS, max_len_a=0.0, max_len_b=50)
     out = greedy_search(stub, src_of([3]), **kw) if search == "greedy" else \
-        beam_search(stub, src_of([3]), **kw, beam_size=2, length_penalty=0.0)
+        beam_search(stub, src_of([3]), **kw, beam_size=2, alpha=0.0)
     assert hyp(out, 0) == [EOS]
     # Beam search needs a second finished output, and a step to see that no live one can beat it.
     assert len(stub.rows_per_step) <= (1 if search == "greedy" else 3)
@@ -257,7 +257,7 @@ def test_finished_sentences_leave_the_batch(search):
     kw = dict(**IDS, max_len_a=0.0, max_len_b=8)
     K = 1 if search == "greedy" else 3
     out = greedy_search(stub, src_of([2, 2]), **kw) if search == "greedy" else \
-        beam_search(stub, src_of([2, 2]), **kw, beam_size=K, length_penalty=0.6)
+        beam_search(stub, src_of([2, 2]), **kw, beam_size=K, alpha=0.6)
     assert out.lengths[:, 0].tolist() == [1, 8]
     assert len(stub.rows_per_step) == 8
     assert stub.rows_per_step[0] == 2 * K and stub.rows_per_step[-1] == K
@@ -271,7 +271,7 @@ def test_reading_the_host_every_few_steps_prunes_later_and_changes_nothing_else(
     outs, rows = [], []
     for every in (1, 3):
         out = greedy_search(stub, src_of([2, 2]), **kw, sync_every=every) if search == "greedy" else \
-            beam_search(stub, src_of([2, 2]), **kw, beam_size=K, nbest=K, length_penalty=0.6, sync_every=every)
+            beam_search(stub, src_of([2, 2]), **kw, beam_size=K, nbest=K, alpha=0.6, sync_every=every)
         outs.append(out)
         rows.append(stub.rows_per_step)
     for a, b in zip(outs[0].__dict__.values(), outs[1].__dict__.values()):
@@ -407,7 +407,7 @@ def test_beam_size_1_equals_greedy_on_the_real_model(model, device):
     model, src = copy.deepcopy(model).to(device), sources().to(device)
     kw = dict(**IDS, max_len_b=6)
     greedy = greedy_search(model, src, **kw)
-    beam = beam_search(model, src, beam_size=1, length_penalty=0.0, **kw)
+    beam = beam_search(model, src, beam_size=1, alpha=0.0, **kw)
     sampled = sample(model, src, **kw, generator=torch.Generator(device).manual_seed(0))
     for out in (greedy, beam, sampled):  # every output follows the input's device
         assert {out.tokens.device.type, out.scores.device.type, out.lengths.device.type} == {device}

@@ -50,13 +50,13 @@ def make_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, se
     its own rather than being dropped. With `shuffle=False` (dev and test sets) the order is by length and
     does not depend on the seed.
     """
-    s = np.asarray(src_lens, np.int64) + 1
-    t = np.asarray(tgt_lens, np.int64) + 1
+    src_width = np.asarray(src_lens, np.int64) + 1  # with the special token
+    tgt_width = np.asarray(tgt_lens, np.int64) + 1
     rng = np.random.default_rng([seed, epoch])
-    tie = rng.permutation(len(s)) if shuffle else np.arange(len(s))
-    order = np.lexsort((tie, s, t))  # the last key is the primary one
+    tie = rng.permutation(len(src_width)) if shuffle else np.arange(len(src_width))
+    order = np.lexsort((tie, src_width, tgt_width))  # the last key is the primary one
     batches, start, max_s, max_t = [], 0, 0, 0
-    s_sorted, t_sorted = s[order].tolist(), t[order].tolist()
+    s_sorted, t_sorted = src_width[order].tolist(), tgt_width[order].tolist()
     for i, (ls, lt) in enumerate(zip(s_sorted, t_sorted)):
         n = i - start + 1
         new_s, new_t = max(max_s, ls), max(max_t, lt)
@@ -118,11 +118,11 @@ class BatchStats:
 
 def batch_stats(batches: list[np.ndarray], src_lens: np.ndarray, tgt_lens: np.ndarray) -> BatchStats:
     real = padded = pairs = 0
-    for b in batches:
-        s, t = src_lens[b] + 1, tgt_lens[b] + 1
-        real += int(s.sum() + t.sum())
-        padded += len(b) * int(s.max() + t.max())
-        pairs += len(b)
+    for batch in batches:
+        src_width, tgt_width = src_lens[batch] + 1, tgt_lens[batch] + 1
+        real += int(src_width.sum() + tgt_width.sum())
+        padded += len(batch) * int(src_width.max() + tgt_width.max())
+        pairs += len(batch)
     return BatchStats(len(batches), pairs, real, padded)
 
 

@@ -82,8 +82,8 @@ class EncodedCorpus:
 def cache_key(spec: str, cfg: DataConfig, vocab: Vocab, filters: Filters | None) -> str:
     files = []
     for path in corpus_files(spec, cfg.src_lang, cfg.tgt_lang):
-        st = path.stat() if path.exists() else None
-        files.append([str(path.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None])
+        stat = path.stat() if path.exists() else None
+        files.append([str(path.resolve()), stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
     blob = json.dumps(
         [CACHE_VERSION, spec, cfg.src_lang, cfg.tgt_lang, files, vocab.identity, filters and vars(filters)],
         sort_keys=True,

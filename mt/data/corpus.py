@@ -70,15 +70,15 @@ def _read_pair(src_path: Path, tgt_path: Path) -> Iterator[Pair]:
             raise MTError(f"{path}: file not found")
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     n = 0
-    for n, (s, t) in enumerate(itertools.zip_longest(src, tgt), start=1):
-        if s is None or t is None:
-            longer, shorter = (tgt_path, src_path) if s is None else (src_path, tgt_path)
-            rest = sum(1 for _ in (tgt if s is None else src))
+    for n, (source, target) in enumerate(itertools.zip_longest(src, tgt), start=1):
+        if source is None or target is None:
+            longer, shorter = (tgt_path, src_path) if source is None else (src_path, tgt_path)
+            rest = sum(1 for _ in (tgt if source is None else src))
             raise MTError(
                 f"{shorter}: has {n - 1} lines but {longer} has {n + rest}: "
                 "the two sides of a parallel corpus must have the same number of lines"
             )
-        yield s, t
+        yield source, target
 
 
 def _read_tsv(path: Path) -> Iterator[Pair]:
@@ -112,12 +112,12 @@ def load_hf_dataset(spec: str):
     path = Path(name)
     try:
         if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise MTError(f"{path}: no split '{split}' (has {', '.join(ds)})")
-                ds = ds[split]
-            return ds
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise MTError(f"{path}: no split '{split}' (has {', '.join(dataset)})")
+                dataset = dataset[split]
+            return dataset
         if path.suffix in HF_FILE_BUILDERS:
             if not path.is_file():
                 raise MTError(f"{path}: file not found")
@@ -131,14 +131,14 @@ def load_hf_dataset(spec: str):
 
 
 def _read_hf(spec: str, src_lang: str, tgt_lang: str) -> Iterator[Pair]:
-    ds = load_hf_dataset(spec)
-    columns = ds.column_names
+    dataset = load_hf_dataset(spec)
+    columns = dataset.column_names
     if "translation" in columns:
         def pairs(batch: dict) -> Iterator[Pair]:
             for row in batch["translation"]:
                 yield row[src_lang], row[tgt_lang]
 
-        first = ds[0]["translation"] if len(ds) else None  # an empty dataset is an empty corpus, reported later
+        first = dataset[0]["translation"] if len(dataset) else None  # an empty dataset is an empty corpus, reported later
         missing = [lang for lang in (src_lang, tgt_lang) if first is not None and lang not in first]
         if missing:
             raise MTError(f"{spec}: the translation column has no '{missing[0]}' (has {', '.join(first)})")
@@ -151,9 +151,9 @@ def _read_hf(spec: str, src_lang: str, tgt_lang: str) -> Iterator[Pair]:
             f"found {', '.join(columns)}"
         )
     number = 0
-    for batch in ds.iter(batch_size=10_000):
-        for s, t in pairs(batch):
+    for batch in dataset.iter(batch_size=10_000):
+        for source, target in pairs(batch):
             number += 1
-            if not isinstance(s, str) or not isinstance(t, str):
+            if not isinstance(source, str) or not isinstance(target, str):
                 raise MTError(f"{spec}: row {number} holds a non-string value")
-            yield s, t
+            yield source, target

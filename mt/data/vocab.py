@@ -65,9 +65,6 @@ class Vocab:
             return cls(src, src, True, src_proto, src_proto)
         return cls(src, spm.SentencePieceProcessor(model_proto=tgt_proto), False, src_proto, tgt_proto)
 
-    def decode_tgt(self, ids: list[list[int]]) -> list[str]:
-        return self.tgt.decode(ids)
-
 
 def model_paths(run_dir: Path, joint: bool) -> tuple[Path, Path]:
     if joint:
@@ -85,10 +82,10 @@ def load_or_train_vocab(cfg: DataConfig, run_dir: Path) -> Vocab:
         have = json.loads(meta_path.read_text(encoding="utf-8"))
         changed = [k for k in VOCAB_KEYS if have.get(k) != wanted[k]]
         if changed:
-            k = changed[0]
+            key = changed[0]
             raise MTError(
-                f"{meta_path}: the vocabulary in this run directory was learned with data.{k} = {have.get(k)!r}, "
-                f"the config asks for {wanted[k]!r}; use a new run_dir or delete {run_dir}/spm.*"
+                f"{meta_path}: the vocabulary in this run directory was learned with data.{key} = {have.get(key)!r}, "
+                f"the config asks for {wanted[key]!r}; use a new run_dir or delete {run_dir}/spm.*"
             )
         if src_path.is_file() and tgt_path.is_file():
             log.info("reusing SentencePiece model %s", src_path if cfg.joint_vocab else f"{src_path}, {tgt_path}")
