@@ -31,9 +31,21 @@ STEP_FILE = re.compile(r"checkpoint_(\d+)\.pt$")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` to `path` through a temporary file, so a crash never leaves a truncated checkpoint."""
-    with atomic_open(path, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
+    """Write `state` to `path` through a temporary file, so a crash or a full disk never leaves a truncated
+    checkpoint, nor touches the ones already written. A failed write is a one-line error naming the path and
+    the free space."""
+    path = Path(path)
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        raise MTError(f"{path}: could not write the checkpoint ({reason}; {free} on {path.parent}); "
+                      "the checkpoints already written are intact") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -76,6 +88,25 @@ def load_for_inference(path: str | Path) -> tuple[Transformer, Vocab, Config]:
     return model.eval(), vocab, cfg
 
 
+def load_latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The state to resume `run_dir` from: checkpoint_last.pt, or where that is unreadable (a truncated copy,
+    a disk error) the newest readable checkpoint_<step>.pt, with a warning."""
+    last = Path(run_dir) / "checkpoint_last.pt"
+    if not last.is_file():
+        raise MTError(f"{last}: no checkpoint to resume from (train without --resume to start)")
+    try:
+        return last, load_checkpoint(last)
+    except MTError as e:
+        for path in reversed(step_checkpoints(run_dir)):
+            try:
+                state = load_checkpoint(path)
+            except MTError:
+                continue
+            log.warning("%s; resuming from %s instead", e, path.name)
+            return path, state
+        raise MTError(f"{e}, and no readable checkpoint_<step>.pt beside it") from None
+
+
 def step_checkpoints(run_dir: Path) -> list[Path]:
     """The run's `checkpoint_<step>.pt` files, oldest step first."""
     found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint_*.pt") if (m := STEP_FILE.search(p.name))]
@@ -88,6 +119,9 @@ def last_checkpoints(run_dir: Path, n: int) -> list[Path]:
         raise MTError(f"{run_dir}: no checkpoint_<step>.pt files to average")
     if n < 1:
         raise MTError(f"--last must be at least 1, got {n}")
+    if n > len(paths):
+        raise MTError(f"{run_dir}: --last {n} asks for more checkpoints than the {len(paths)} it has "
+                      f"({', '.join(p.name for p in paths)})")
     return paths[-n:]
 
 
@@ -123,6 +157,9 @@ def average_checkpoints(paths: list[Path], output: Path) -> None:
             first = state
         elif state["model_spec"] != first["model_spec"]:
             raise MTError(f"{path}: a different model shape from {paths[0]}; only checkpoints of one run average")
+        elif state["vocab"] != first["vocab"]:
+            raise MTError(f"{path}: a different SentencePiece vocabulary from {paths[0]}; only checkpoints of one "
+                          "run average")
         for k, v in state["model"].items():
             total[k] = total[k] + v.double() if k in total else v.double()
     last = state

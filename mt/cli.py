@@ -16,6 +16,10 @@ from mt.errors import MTError
 
 log = logging.getLogger("mt")
 
+# `mt train` stopped by SIGTERM or SIGUSR1 with its checkpoint written: `--resume` continues it (BSD's EX_TEMPFAIL,
+# "try again later", for a job script that requeues itself).
+EXIT_PREEMPTED = 75
+
 EPILOG_TRAIN = """examples:
   mt train --config configs/multi30k.yaml
   mt train --config configs/multi30k.yaml --set train.max_time_minutes=10 --set model.dropout=0.2
@@ -144,6 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mt.train import train
 
     run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MTError(f"run_dir {run_dir}: exists and is not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun, rank 0 learns the vocabulary and writes the cache while the others wait, then reuse it.
     device = resolve_device(cfg.train.device)
@@ -174,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if world > 1:
         torch.distributed.barrier()  # rank 0 may still be writing checkpoints: leave together
         torch.distributed.destroy_process_group()
-    return 0
+    return EXIT_PREEMPTED if result.preempted else 0
 
 
 def cmd_translate(args: argparse.Namespace) -> int:

@@ -85,6 +85,7 @@ class TrainConfig:
     max_steps: int = 100_000
     max_epochs: int = 0  # 0: no limit
     max_time_minutes: float = 0.0  # wall-time budget; 0: no limit
+    budget_calibration_steps: int = 200  # steps timed before max_time_minutes becomes a fixed step budget
     patience: int = 0  # validations without improvement before stopping; 0: never stop early
     label_smoothing: float = 0.1
     # The smoothing mass epsilon goes to all V types (fairseq), or with smoothing_excludes_pad to the V - 2
@@ -109,6 +110,7 @@ class TrainConfig:
     save_every: int = 1000
     keep_checkpoints: int = 5
     average_last: int = 5  # Section 6.1: average the last N checkpoints at the end; 0: do not
+    nonfinite_limit: int = 10  # stop after this many updates in a row skipped for a non-finite loss or gradient
     compile: bool = False
     num_threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
 
@@ -322,7 +324,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         "train.warmup_steps": train.warmup_steps, "train.validate_every": train.validate_every,
         "train.log_every": train.log_every, "train.save_every": train.save_every,
         "train.keep_checkpoints": train.keep_checkpoints, "train.lr_scale": train.lr_scale,
-        "train.adam_eps": train.adam_eps,
+        "train.adam_eps": train.adam_eps, "train.budget_calibration_steps": train.budget_calibration_steps,
+        "train.nonfinite_limit": train.nonfinite_limit,
         "decode.beam_size": decode.beam_size, "decode.nbest": decode.nbest, "decode.max_tokens": decode.max_tokens,
         "decode.temperature": decode.temperature,
     }
@@ -375,6 +378,9 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         raise bad("decode.top_p", f"must be in (0, 1], got {decode.top_p}")
     if decode.nbest > decode.beam_size and decode.method == "beam":
         raise bad("decode.nbest", f"({decode.nbest}) cannot exceed decode.beam_size ({decode.beam_size})")
+    if train.average_last > train.keep_checkpoints:
+        raise bad("train.average_last", f"({train.average_last}) cannot exceed train.keep_checkpoints "
+                  f"({train.keep_checkpoints}): only that many checkpoints are kept to average")
     if not cfg.run_dir:
         raise bad("run_dir", "must not be empty")
 

@@ -15,6 +15,8 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +27,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mt.checkpoint import (average_checkpoints, build_model, link_or_copy, load_checkpoint, model_spec,
+from mt.checkpoint import (average_checkpoints, build_model, link_or_copy, load_latest_checkpoint, model_spec,
                            prune_checkpoints, save_checkpoint, step_checkpoints, vocab_state)
-from mt.config import Config, TrainConfig, to_dict
+from mt.config import Config, ModelConfig, TrainConfig, from_dict, to_dict
 from mt.data import Batch, PreparedData, iterate_batches
 from mt.errors import MTError
 from mt.loss import label_smoothed_loss
@@ -35,6 +37,9 @@ from mt.runtime import autocast, init_distributed, resolve_device, resolve_preci
 from mt.validation import validate
 
 log = logging.getLogger(__name__)
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTION_CHECK_EVERY = 10  # steps between the ranks' agreement on a preemption signal under torchrun
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -88,6 +93,7 @@ class Progress:
     best: float | None = None  # best dev score so far (BLEU: higher is better; loss: lower is better)
     bad_validations: int = 0
     elapsed: float = 0.0  # training seconds before this process started
+    step_budget: int | None = None  # max_time_minutes as steps, fixed once the speed is known
 
 
 @dataclass
@@ -97,6 +103,7 @@ class TrainResult:
     stop_reason: str
     last_valid: dict = field(default_factory=dict)
     averaged: Path | None = None
+    preempted: bool = False
 
     def summary(self) -> list[str]:
         lines = [f"stopped after {self.progress.step} steps ({self.stop_reason})"]
@@ -108,6 +115,8 @@ class TrainResult:
         lines.append(f"last checkpoint: {self.run_dir / 'checkpoint_last.pt'}")
         if self.averaged:
             lines.append(f"averaged checkpoint: {self.averaged}")
+        if self.preempted:
+            lines.append("continue with: mt train --config ... --resume")
         return lines
 
 
@@ -124,6 +133,26 @@ class Meter:
         self.loss.zero_()
         self.nll.zero_()
         self.tokens, self.seconds = 0, 0.0
+
+
+@dataclass
+class NonFinite:
+    """Optimiser steps skipped for a non-finite gradient, counted on the device: in the current run of them,
+    in the longest run so far, and since the last log line."""
+
+    in_a_row: torch.Tensor
+    longest: torch.Tensor
+    since_log: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "NonFinite":
+        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+
+    def add(self, nonfinite: torch.Tensor) -> None:
+        """nonfinite: () float, 1.0 for a skipped step, else 0.0."""
+        self.in_a_row.add_(nonfinite).mul_(nonfinite)
+        torch.maximum(self.longest, self.in_a_row, out=self.longest)
+        self.since_log.add_(nonfinite)
 
 
 class Trainer:
@@ -158,7 +187,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.options, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.progress = Progress()
-        self.time_done, self.lr = 0.0, 0.0  # fit() keeps both up to date
+        self.lr = 0.0  # train_step keeps it up to date
+        self.nonfinite = NonFinite.zeros(self.device)
+        self.signal: int | None = None  # a preemption signal received, handled after the current step
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             self._resume()
@@ -197,11 +228,9 @@ class Trainer:
         prune_checkpoints(self.run_dir, self.options.keep_checkpoints)
 
     def _resume(self) -> None:
-        path = self.run_dir / "checkpoint_last.pt"
-        if not path.is_file():
-            raise MTError(f"{path}: no checkpoint to resume from (train without --resume to start)")
-        state = load_checkpoint(path)
-        if state["model_spec"] != self.spec:
+        path, state = load_latest_checkpoint(self.run_dir)
+        saved_spec = dict(state["model_spec"], cfg=to_dict(from_dict(ModelConfig, state["model_spec"]["cfg"], str(path))))
+        if saved_spec != self.spec:  # (the config's defaults filled in: a key added since is no difference)
             raise MTError(f"{path}: the checkpoint's model or vocabulary differs from the config's; "
                           "resume with the config the run started with")
         self.model.load_state_dict(state["model"])
@@ -210,12 +239,14 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         if state.get("precision", self.precision) != self.precision:  # `auto` on another machine, say
             log.warning("%s was trained in %s, resuming in %s", path, state["precision"], self.precision)
-        rngs = state["rng"]
-        if len(rngs) != self.world:
-            log.warning("%s was saved by %d processes, resuming with %d: dropout masks will differ from an "
-                        "uninterrupted run", path, len(rngs), self.world)
-        else:
+        rngs = state["rng"]  # one per rank
+        if len(rngs) == self.world:
             set_rng_state(rngs[self.rank], self.device)
+        else:
+            self.progress.batch = _remap_position(path, self.progress, len(rngs), self.world)
+            log.warning("%s was saved by %d processes, resuming with %d: batch %d of epoch %d is now position %d, "
+                        "and dropout masks differ from an uninterrupted run", path, len(rngs), self.world,
+                        state["progress"]["batch"], self.progress.epoch, self.progress.batch)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.progress.step,
                  self.progress.epoch, self.progress.batch)
 
@@ -237,15 +268,15 @@ class Trainer:
                               "lower data.max_tokens")
             epoch, start = epoch + 1, 0
 
-    def next_update(self, micro_batches: Iterator) -> tuple[list[Batch], int]:
-        """The `update_freq` batches of the next optimiser step and the target tokens of all ranks' batches;
-        advances the data position in `progress`."""
-        batches, n_tokens = [], 0
+    def next_update(self, micro_batches: Iterator) -> tuple[list[Batch], int, tuple[int, int]]:
+        """The `update_freq` batches of the next optimiser step, the target tokens of all ranks' batches, and
+        the data position (epoch, batch) after them, which `fit` records once they are trained."""
+        batches, n_tokens, position = [], 0, (self.progress.epoch, self.progress.batch)
         for _ in range(self.options.update_freq):
-            batch, group_tokens, self.progress.epoch, self.progress.batch = next(micro_batches)
+            batch, group_tokens, *position = next(micro_batches)
             batches.append(batch)
             n_tokens += group_tokens
-        return batches, n_tokens
+        return batches, n_tokens, tuple(position)
 
     # ---- one update
 
@@ -273,18 +304,39 @@ class Trainer:
             total_loss += loss.detach()
             total_nll += nll.detach()
         step = self.progress.step + 1
-        done = max((step - 1) / options.max_steps, self.time_done)
-        self.lr = learning_rate(step, options, self.cfg.model.d_model, done=done)
+        self.lr = learning_rate(step, options, self.cfg.model.d_model, done=(step - 1) / self.step_limit())
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
+        self.scaler.unscale_(self.optimizer)  # nothing to do outside fp16
         if options.clip_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.clip_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        self.optimizer_step(torch.isfinite(norm))
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
         return total_loss, total_nll
+
+    def optimizer_step(self, finite: torch.Tensor) -> None:
+        """Adam's update, skipped where the gradient is not finite, without waiting for the device: fp16's
+        gradient scaler skips it itself, fused Adam takes the flag on the device (its step count stays)."""
+        if self.precision == "fp16":  # overflows are the scaler's way to find its scale: not counted
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return
+        nonfinite = (~finite).float()
+        self.nonfinite.add(nonfinite)
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = nonfinite
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif bool(finite):  # Adam without a fused kernel for this device: a host read
+            self.optimizer.step()
+
+    def step_limit(self) -> int:
+        """The step the run ends at: max_steps, or the time budget's steps once they are known."""
+        budget = self.progress.step_budget
+        return self.options.max_steps if budget is None else min(self.options.max_steps, budget)
 
     # ---- validation
 
@@ -304,51 +356,57 @@ class Trainer:
     # ---- the loop
 
     def fit(self) -> TrainResult:
-        """Train until a budget or patience runs out: each optimiser step is followed by logging, the time
-        budget's check, validation and saving, each when it is due."""
+        """Train until a budget, patience or a preemption signal ends the run: each optimiser step is followed
+        by logging, the budgets' check, validation and saving, each when it is due."""
         options, progress = self.options, self.progress
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.start_time, self.start_elapsed = time.time(), progress.elapsed
-        self.time_budget = options.max_time_minutes * 60 if options.max_time_minutes else math.inf
-        self.time_done = progress.elapsed / self.time_budget  # the budget's fraction spent (the same on all ranks)
         meter = Meter(torch.zeros((), device=self.device), torch.zeros((), device=self.device))
         last_valid: dict = {}
-        stop = ""
         micro_batches = self.micro_batches()
-        bar = tqdm(total=options.max_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=self.step_limit(), initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=None if self.main else True, mininterval=1.0)
-        while not stop:
-            if progress.step >= options.max_steps:
-                stop = f"max_steps {options.max_steps}"
-                break
-            started = time.time()
-            batches, n_tokens = self.next_update(micro_batches)
-            if options.max_epochs and progress.epoch >= options.max_epochs:
-                stop = f"max_epochs {options.max_epochs}"
-                break
-            loss, nll = self.train_step(batches, n_tokens)
-            meter.loss += loss
-            meter.nll += nll
-            meter.tokens += sum(b.n_tgt_tokens for b in batches)
-            progress.elapsed = self.start_elapsed + time.time() - self.start_time
-            bar.update(1)
-            meter.seconds += time.time() - started
-            if progress.step % options.log_every == 0:
-                self.log_training(meter, bar)
-            stop = self.time_budget_spent()
-            best, stop = self.validate_if_due(stop, last_valid)
-            if progress.step % options.save_every == 0 or best or stop or progress.step >= options.max_steps:
-                self.save(best=best)
+        stop = self.budget_spent()
+        with self.preemption_signals():
+            while not stop:
+                started = time.time()
+                batches, n_tokens, position = self.next_update(micro_batches)
+                if options.max_epochs and position[0] >= options.max_epochs:
+                    stop = f"max_epochs {options.max_epochs}"  # the data position stays before these batches
+                    break
+                loss, nll = self.train_step(batches, n_tokens)
+                progress.epoch, progress.batch = position
+                meter.loss += loss
+                meter.nll += nll
+                meter.tokens += sum(b.n_tgt_tokens for b in batches)
+                progress.elapsed = self.start_elapsed + time.time() - self.start_time
+                meter.seconds += time.time() - started
+                bar.update(1)
+                if progress.step % options.log_every == 0:
+                    self.log_training(meter, bar)
+                stop = self.budget_spent() or self.preempted()
+                best, stop = self.validate_if_due(stop, last_valid)
+                if progress.step % options.save_every == 0 or best or stop:
+                    self.save(best=best)
         bar.close()
         return self.finish(stop, last_valid)
 
     def log_training(self, meter: Meter, bar: tqdm) -> None:
-        """One metrics.jsonl record, and the progress bar's figures (or a log line where there is no terminal)."""
+        """One metrics.jsonl record of all ranks' loss and tokens/s, and the progress bar's figures (or a log line
+        where there is no terminal). Stops the run when too many steps in a row had a non-finite gradient."""
         progress = self.progress
-        record = {"step": progress.step, "epoch": progress.epoch, "loss": meter.loss.item() / meter.tokens,
-                  "nll": meter.nll.item() / meter.tokens, "lr": self.lr,
-                  "tokens_per_s": meter.tokens / max(meter.seconds, 1e-9), "elapsed_s": progress.elapsed}
+        sums = torch.stack([meter.loss, meter.nll, torch.tensor(float(meter.tokens), device=self.device),
+                            self.nonfinite.since_log, self.nonfinite.longest])
+        if self.world > 1:  # sums over ranks; the non-finite counts are the same on every rank
+            sums[:3] = self._sum_over_ranks(sums[:3])
+        loss, nll, tokens, skipped, longest = sums.tolist()
+        record = {"step": progress.step, "epoch": progress.epoch, "loss": loss / tokens, "nll": nll / tokens,
+                  "lr": self.lr, "tokens_per_s": tokens / max(meter.seconds, 1e-9), "elapsed_s": progress.elapsed}
         record["ppl"] = math.exp(min(record["nll"], 50.0))
+        if skipped:
+            record["skipped_steps"] = int(skipped)
+            log.warning("step %d: %d of the last %d updates skipped: the loss or the gradient was not finite",
+                        progress.step, skipped, self.options.log_every)
         bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.1f}", lr=f"{record['lr']:.2e}",
                         tok_s=f"{record['tokens_per_s']:.0f}")
         if bar.disable and self.main:  # a log file or a batch job: a line per log step instead
@@ -356,6 +414,12 @@ class Trainer:
                      record["ppl"], record["lr"], record["tokens_per_s"])
         self.log_metrics(record)
         meter.reset()
+        self.nonfinite.since_log.zero_()
+        if longest >= self.options.nonfinite_limit:
+            raise MTError(f"{int(longest)} updates in a row had a non-finite loss or gradient (train.nonfinite_limit "
+                          f"{self.options.nonfinite_limit}); the weights are those of the last finite update, "
+                          f"{self.run_dir / 'checkpoint_last.pt'} the last checkpoint. Lower the learning rate, "
+                          "or train in fp32")
 
     def log_metrics(self, record: dict) -> None:
         if not self.main:
@@ -363,21 +427,68 @@ class Trainer:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def time_budget_spent(self) -> str:
-        """The stop reason once `max_time_minutes` is spent, else "". Ranks see slightly different clocks:
-        under torchrun rank 0's clock rules, read at log steps only (a collective), so that every rank stops
-        at the same step and uses the same learning rate."""
-        if self.world == 1 or self.progress.step % self.options.log_every == 0:
-            self.time_done = self._from_rank0(self.progress.elapsed / self.time_budget)
-            if self.time_done >= 1.0:
-                return f"max_time_minutes {self.options.max_time_minutes:g}"
+    def budget_spent(self) -> str:
+        """The stop reason once max_steps or the time budget is spent, else "".
+
+        A time budget becomes a step budget after `budget_calibration_steps` steps, from the speed so far, and
+        is recorded in `progress`: from then on the run and its learning rate depend on the step alone, so a
+        run killed and resumed ends exactly as an uninterrupted run of that many steps. Ranks see slightly
+        different clocks: under torchrun rank 0's decides, read at log steps only (a collective).
+        """
+        progress, options = self.progress, self.options
+        if progress.step >= options.max_steps:
+            return f"max_steps {options.max_steps}"
+        if not options.max_time_minutes:
+            return ""
+        budget = options.max_time_minutes * 60
+        if progress.step_budget is None and (self.world == 1 or progress.step % options.log_every == 0):
+            elapsed = self._from_rank0(progress.elapsed)
+            if elapsed >= budget:
+                return f"max_time_minutes {options.max_time_minutes:g}"
+            if progress.step >= options.budget_calibration_steps:
+                progress.step_budget = max(progress.step, int(budget * progress.step / elapsed))
+                log.info("max_time_minutes %g: %d steps at the speed of the first %d", options.max_time_minutes,
+                         progress.step_budget, progress.step)
+        if progress.step_budget is not None and progress.step >= progress.step_budget:
+            return f"max_time_minutes {options.max_time_minutes:g} ({progress.step_budget} steps)"
         return ""
+
+    @contextlib.contextmanager
+    def preemption_signals(self) -> Iterator[None]:
+        """While training, SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before they stop a job) end the
+        run after the current step, with a checkpoint."""
+        def note(signum, frame):
+            self.signal = signum
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {s: signal.signal(s, note) for s in PREEMPTION_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def preempted(self) -> str:
+        """The stop reason once a preemption signal arrived, else "". Under torchrun the ranks agree on it every
+        PREEMPTION_CHECK_EVERY steps (a collective that waits for the device), so all stop at the same step."""
+        signum = self.signal or 0
+        if self.world > 1:
+            if self.progress.step % PREEMPTION_CHECK_EVERY:
+                return ""
+            t = torch.tensor([signum], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            signum = int(t.item())
+        return f"preempted by {signal.Signals(signum).name}" if signum else ""
 
     def validate_if_due(self, stop: str, last_valid: dict) -> tuple[bool, str]:
         """Validate every `validate_every` steps and before stopping; update `last_valid` in place. Returns
         whether the dev score improved and the stop reason, patience's included."""
         progress, options = self.progress, self.options
-        if not (progress.step % options.validate_every == 0 or (stop and self.data.valid is not None)):
+        # The last step is validated too, unless a preemption's grace period is running.
+        last = bool(stop) and self.signal is None and self.data.valid is not None
+        if not (progress.step % options.validate_every == 0 or last):
             return False, stop
         best = False
         if self.main:
@@ -391,17 +502,28 @@ class Trainer:
         return self._agree(best), stop
 
     def finish(self, stop: str, last_valid: dict) -> TrainResult:
-        """Save the last step if it is not saved yet, and average the last checkpoints (Section 6.1)."""
+        """Save the last step if it is not saved yet, and average the last checkpoints (Section 6.1), except
+        after a preemption signal: then the run resumes later and averages at its real end."""
         if self._agree(not (self.run_dir / "checkpoint_last.pt").is_file()
                        or _last_step(self.run_dir) != self.progress.step):
             self.save()
+        preempted = stop.startswith("preempted")
         averaged = None
-        if self.options.average_last and self.main:
+        if self.options.average_last and self.main and not preempted:
             paths = step_checkpoints(self.run_dir)[-self.options.average_last:]
+            if len(paths) < self.options.average_last:
+                log.warning("averaging the %d checkpoints this run has, not train.average_last %d", len(paths),
+                            self.options.average_last)
             averaged = self.run_dir / "checkpoint_avg.pt"
             average_checkpoints(paths, averaged)
             log.info("averaged %d checkpoints -> %s", len(paths), averaged)
-        return TrainResult(self.run_dir, self.progress, stop, dict(last_valid), averaged)
+        return TrainResult(self.run_dir, self.progress, stop, dict(last_valid), averaged, preempted)
+
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """values (n,) float summed over all ranks (a collective)."""
+        on = values.to("cpu" if self.device.type == "cpu" else self.device, torch.float64)
+        dist.all_reduce(on)
+        return on.to(values)
 
     def _agree(self, flag: bool) -> bool:
         """Rank 0's decision, on every rank (a broadcast under torchrun; free in a single process)."""
@@ -414,6 +536,18 @@ class Trainer:
         t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.broadcast(t, src=0)
         return t.item()
+
+
+def _remap_position(path: Path, progress: Progress, saved_world: int, world: int) -> int:
+    """The data position `progress.batch`, counted in groups of `saved_world` batches (one per process), in
+    groups of `world`; refused where no whole number of groups lands there (batches would be repeated or
+    skipped)."""
+    done = progress.batch * saved_world  # batches of the epoch all processes have consumed
+    if done % world:
+        raise MTError(f"{path} was saved by {saved_world} processes after {done} batches of epoch {progress.epoch}, "
+                      f"which {world} processes cannot continue without repeating or skipping batches; resume "
+                      f"with {saved_world} processes, or a number that divides {done}")
+    return done // world
 
 
 def _last_step(run_dir: Path) -> int | None:

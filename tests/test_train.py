@@ -85,7 +85,7 @@ def test_tiny_model_overfits_50_pairs(tmp_path):
     assert result.last_valid["valid_ppl"] < 1.4
 
 
-def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_wall_time_budget(tmp_path, caplog,
+def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_time_budgets_steps(tmp_path, caplog,
                                                                                        monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, even under `pytest -s`
     corpus = _write_corpus(tmp_path / "pairs", n=40)
@@ -103,9 +103,9 @@ def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_wall_time
     lines = [r.getMessage() for r in caplog.records if r.getMessage().endswith("tokens/s")]
     assert [line.split(":")[0] for line in lines] == [f"step {s}" for s in range(1, 21)]
     assert f"lr {expected[-1]:.2e}," in lines[-1]
-    # A wall-time budget half spent halves the rate, whatever the step count says.
+    # A wall-time budget, once it is a step budget, ends the line there, whatever max_steps says.
     batch = next(trainer.micro_batches())[0]
-    trainer.progress.step, trainer.time_done = 5, 0.5
+    trainer.progress.step, trainer.progress.step_budget = 5, 10
     trainer.train_step([batch], batch.n_tgt_tokens)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
 
