@@ -21,6 +21,7 @@ import torch
 from mt.checkpoint import load_for_inference
 from mt.config import DecodeConfig, apply_override, from_dict, to_dict, validate, Config
 from mt.data import BOS, EOS, PAD, Vocab, make_batches, pad_sentences
+from mt.errors import MTError
 from mt.io import atomic_open, read_lines
 from mt.model import Transformer
 from mt.runtime import resolve_precision
@@ -42,16 +43,29 @@ class Translator:
 def load_translator(checkpoint: str | Path, overrides: Iterable[str] = (), search_overrides: Iterable[str] = (),
                     device: str | None = None) -> Translator:
     """Rebuild the model from `checkpoint` alone; `overrides` (`decode.beam_size=5`) adjust the search."""
+    dev = _device(device)  # before the checkpoint is read: a mistyped --device fails fast
     model, vocab, cfg = load_for_inference(checkpoint)
     raw = to_dict(cfg)
     for item in [*overrides, *search_overrides]:
         apply_override(raw, item)
     cfg = from_dict(Config, raw, f"{checkpoint} (with overrides)")
     validate(cfg, f"{checkpoint} (with overrides)")
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Search reads log-probs in float32 whatever the weights are (search.py calls .float() on the logits).
     dtype = torch.bfloat16 if resolve_precision(cfg.decode.precision, dev) == "bf16" else torch.float32
     return Translator(model.to(dev, dtype), vocab, cfg.decode, dev)
+
+
+def _device(name: str | None) -> torch.device:
+    """`--device`: cpu, cuda or cuda:N; None is cuda when available, else cpu."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MTError(f"--device {name}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MTError(f"--device {name}: no CUDA device is available")
+    return device
 
 
 def search(model: Transformer, src: torch.Tensor, decode: DecodeConfig) -> SearchOutput:
