@@ -107,6 +107,18 @@ def load_latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
         raise MTError(f"{e}, and no readable checkpoint_<step>.pt beside it") from None
 
 
+def remap_data_position(path: Path, epoch: int, batch: int, saved_world: int, world: int) -> int:
+    """A checkpoint's data position `batch` in `epoch`, counted in groups of `saved_world` batches (one per
+    process), as a position in groups of `world`; refused where no whole number of groups lands there (batches
+    would be repeated or skipped)."""
+    done = batch * saved_world  # batches of the epoch all processes have consumed
+    if done % world:
+        raise MTError(f"{path} was saved by {saved_world} processes after {done} batches of epoch {epoch}, which "
+                      f"{world} processes cannot continue without repeating or skipping batches; resume with "
+                      f"{saved_world} processes, or a number that divides {done}")
+    return done // world
+
+
 def step_checkpoints(run_dir: Path) -> list[Path]:
     """The run's `checkpoint_<step>.pt` files, oldest step first."""
     found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint_*.pt") if (m := STEP_FILE.search(p.name))]

@@ -1,5 +1,5 @@
-"""Where and how the model runs: the device, the precision, autocast, torchrun's process group, RNG states,
-and the allocator setting for CPU training.
+"""Where and how the model runs: the device, the precision, autocast, torchrun's process group and its
+collectives, RNG states, preemption signals, and the allocator setting for CPU training.
 
 Training (`mt.train`) and search (`mt.translate`) resolve their device and precision here, so `auto` means
 the same thing in both.
@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -104,3 +107,80 @@ def keep_freed_memory(device: torch.device) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
     return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Collectives under torchrun; each is free (and returns its input) in a single process
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _on_backend(values: torch.Tensor) -> torch.Tensor:
+    """values, float64, where the process group's backend reduces them: NCCL on the GPU, gloo on the CPU."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    return values.to(device, torch.float64)
+
+
+def from_rank0(value: float) -> float:
+    """Rank 0's `value`, on every rank."""
+    if not _distributed():
+        return value
+    t = _on_backend(torch.tensor([value]))
+    dist.broadcast(t, src=0)
+    return t.item()
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's decision, on every rank."""
+    return bool(from_rank0(float(flag)))
+
+
+def max_over_ranks(value: float) -> float:
+    if not _distributed():
+        return value
+    t = _on_backend(torch.tensor([value]))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """values (n,) float, summed over all ranks; the same tensor in a single process."""
+    if not _distributed():
+        return values
+    t = _on_backend(values)
+    dist.all_reduce(t)
+    return t.to(values)
+
+
+def gather(obj: object) -> list:
+    """Every rank's `obj` (picklable), in rank order."""
+    if not _distributed():
+        return [obj]
+    objects: list = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+# --------------------------------------------------------------------------------------------------------
+# Preemption
+
+
+# What SLURM (`--signal`) and Kubernetes send before they stop a job.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def preemption_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """Route SIGTERM and SIGUSR1 to `handler(signum, frame)` inside the block, the previous handlers after it.
+    Only the main thread receives signals: elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)

@@ -12,71 +12,33 @@ and the batch order is a pure function of (seed, epoch).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mt.checkpoint import (average_checkpoints, build_model, link_or_copy, load_latest_checkpoint, model_spec,
-                           prune_checkpoints, save_checkpoint, step_checkpoints, vocab_state)
-from mt.config import Config, ModelConfig, TrainConfig, from_dict, to_dict
+                           prune_checkpoints, remap_data_position, save_checkpoint, step_checkpoints, vocab_state)
+from mt.config import Config, ModelConfig, from_dict, to_dict
 from mt.data import Batch, PreparedData, iterate_batches
 from mt.errors import MTError
 from mt.loss import label_smoothed_loss
-from mt.runtime import autocast, init_distributed, resolve_device, resolve_precision, rng_state, set_rng_state
+from mt.metrics import Meter, NonFinite, append_record
+from mt.optim import learning_rate, make_optimizer
+from mt.runtime import (agree, autocast, from_rank0, gather, init_distributed, max_over_ranks, preemption_signals,
+                        resolve_device, resolve_precision, rng_state, set_rng_state, sum_over_ranks)
 from mt.validation import validate
 
 log = logging.getLogger(__name__)
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREEMPTION_CHECK_EVERY = 10  # steps between the ranks' agreement on a preemption signal under torchrun
-
-
-# --------------------------------------------------------------------------------------------------------
-# The maths, as small pure functions.
-
-
-def learning_rate(step: int, cfg: TrainConfig, d_model: int, done: float = 0.0) -> float:
-    """The learning rate of optimiser step `step` (counted from 1).
-
-    `inverse_sqrt`, Equation 3: lrate = d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5), times
-    `lr_scale`. With `peak_lr` set, the same curve is rescaled to reach `peak_lr` at step = warmup_steps, which
-    is easier to tune for a small model than a multiplier on d_model^-0.5.
-
-    `linear`: peak * min(step / warmup_steps, 1 - done), a linear warmup, then a straight line to zero at the
-    end of the run. `done` in [0, 1] is the fraction of the run's budget spent, the larger of steps / max_steps
-    and elapsed / max_time_minutes. A run cut short by a wall-time budget then ends annealed instead of at a
-    high learning rate (Li et al., 2020, "Budgeted training"), and its last checkpoints are worth
-    averaging. The peak is that of the inverse-sqrt curve (peak_lr, or lr_scale * (d_model * warmup_steps)^-0.5).
-    """
-    step, warmup = max(step, 1), cfg.warmup_steps
-    peak = cfg.peak_lr if cfg.peak_lr is not None else cfg.lr_scale * (d_model * warmup) ** -0.5
-    if cfg.lr_schedule == "linear":
-        return peak * max(0.0, min(step / warmup, 1.0 - done))
-    return peak * min(step ** -0.5, step * warmup ** -1.5) * warmup ** 0.5
-
-
-# --------------------------------------------------------------------------------------------------------
-# Set-up
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Adam with the paper's beta1 = 0.9, beta2 = 0.98, epsilon = 1e-9 (Section 5.3), fused where supported."""
-    kwargs = dict(lr=0.0, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    try:
-        return torch.optim.Adam(model.parameters(), fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
-        return torch.optim.Adam(model.parameters(), foreach=device.type == "cuda", **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -118,41 +80,6 @@ class TrainResult:
         if self.preempted:
             lines.append("continue with: mt train --config ... --resume")
         return lines
-
-
-@dataclass
-class Meter:
-    """Training loss, NLL and target tokens since the last log line; the sums stay on the device."""
-
-    loss: torch.Tensor
-    nll: torch.Tensor
-    tokens: int = 0
-    seconds: float = 0.0  # training time only: validation and saving are left out of tokens/s
-
-    def reset(self) -> None:
-        self.loss.zero_()
-        self.nll.zero_()
-        self.tokens, self.seconds = 0, 0.0
-
-
-@dataclass
-class NonFinite:
-    """Optimiser steps skipped for a non-finite gradient, counted on the device: in the current run of them,
-    in the longest run so far, and since the last log line."""
-
-    in_a_row: torch.Tensor
-    longest: torch.Tensor
-    since_log: torch.Tensor
-
-    @classmethod
-    def zeros(cls, device: torch.device) -> "NonFinite":
-        return cls(*(torch.zeros((), device=device) for _ in range(3)))
-
-    def add(self, nonfinite: torch.Tensor) -> None:
-        """nonfinite: () float, 1.0 for a skipped step, else 0.0."""
-        self.in_a_row.add_(nonfinite).mul_(nonfinite)
-        torch.maximum(self.longest, self.in_a_row, out=self.longest)
-        self.since_log.add_(nonfinite)
 
 
 class Trainer:
@@ -204,17 +131,9 @@ class Trainer:
             "model": self.model.state_dict(), "model_spec": self.spec, "config": to_dict(self.cfg),
             "vocab": vocab_state(self.data.vocab), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "progress": vars(self.progress).copy(), "precision": self.precision,
-            "rng": self._all_rng_states(), "step": self.progress.step,
+            "rng": gather(rng_state(self.device)),  # every rank's (a collective)
+            "step": self.progress.step,
         }
-
-    def _all_rng_states(self) -> list[dict]:
-        """Every rank's RNG state (a collective: all ranks call it), so a resumed run draws the same masks."""
-        state = rng_state(self.device)
-        if self.world == 1:
-            return [state]
-        states: list = [None] * self.world
-        dist.all_gather_object(states, state)
-        return states
 
     def save(self, best: bool = False) -> None:
         state = self._state()
@@ -243,7 +162,7 @@ class Trainer:
         if len(rngs) == self.world:
             set_rng_state(rngs[self.rank], self.device)
         else:
-            self.progress.batch = _remap_position(path, self.progress, len(rngs), self.world)
+            self.progress.batch = remap_data_position(path, self.progress.epoch, self.progress.batch, len(rngs), self.world)
             log.warning("%s was saved by %d processes, resuming with %d: batch %d of epoch %d is now position %d, "
                         "and dropout masks differ from an uninterrupted run", path, len(rngs), self.world,
                         state["progress"]["batch"], self.progress.epoch, self.progress.batch)
@@ -367,7 +286,7 @@ class Trainer:
         bar = tqdm(total=self.step_limit(), initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=None if self.main else True, mininterval=1.0)
         stop = self.budget_spent()
-        with self.preemption_signals():
+        with preemption_signals(self.note_signal):
             while not stop:
                 started = time.time()
                 batches, n_tokens, position = self.next_update(micro_batches)
@@ -398,7 +317,7 @@ class Trainer:
         sums = torch.stack([meter.loss, meter.nll, torch.tensor(float(meter.tokens), device=self.device),
                             self.nonfinite.since_log, self.nonfinite.longest])
         if self.world > 1:  # sums over ranks; the non-finite counts are the same on every rank
-            sums[:3] = self._sum_over_ranks(sums[:3])
+            sums[:3] = sum_over_ranks(sums[:3])
         loss, nll, tokens, skipped, longest = sums.tolist()
         record = {"step": progress.step, "epoch": progress.epoch, "loss": loss / tokens, "nll": nll / tokens,
                   "lr": self.lr, "tokens_per_s": tokens / max(meter.seconds, 1e-9), "elapsed_s": progress.elapsed}
@@ -422,10 +341,8 @@ class Trainer:
                           "or train in fp32")
 
     def log_metrics(self, record: dict) -> None:
-        if not self.main:
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.main:
+            append_record(self.metrics_path, record)
 
     def budget_spent(self) -> str:
         """The stop reason once max_steps or the time budget is spent, else "".
@@ -442,7 +359,7 @@ class Trainer:
             return ""
         budget = options.max_time_minutes * 60
         if progress.step_budget is None and (self.world == 1 or progress.step % options.log_every == 0):
-            elapsed = self._from_rank0(progress.elapsed)
+            elapsed = from_rank0(progress.elapsed)
             if elapsed >= budget:
                 return f"max_time_minutes {options.max_time_minutes:g}"
             if progress.step >= options.budget_calibration_steps:
@@ -453,22 +370,8 @@ class Trainer:
             return f"max_time_minutes {options.max_time_minutes:g} ({progress.step_budget} steps)"
         return ""
 
-    @contextlib.contextmanager
-    def preemption_signals(self) -> Iterator[None]:
-        """While training, SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before they stop a job) end the
-        run after the current step, with a checkpoint."""
-        def note(signum, frame):
-            self.signal = signum
-
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield
-            return
-        previous = {s: signal.signal(s, note) for s in PREEMPTION_SIGNALS}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+    def note_signal(self, signum: int, frame) -> None:
+        self.signal = signum
 
     def preempted(self) -> str:
         """The stop reason once a preemption signal arrived, else "". Under torchrun the ranks agree on it every
@@ -477,9 +380,7 @@ class Trainer:
         if self.world > 1:
             if self.progress.step % PREEMPTION_CHECK_EVERY:
                 return ""
-            t = torch.tensor([signum], device=self.device if self.device.type == "cuda" else "cpu")
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            signum = int(t.item())
+            signum = int(max_over_ranks(signum))
         return f"preempted by {signal.Signals(signum).name}" if signum else ""
 
     def validate_if_due(self, stop: str, last_valid: dict) -> tuple[bool, str]:
@@ -497,14 +398,14 @@ class Trainer:
             best = self._improved(last_valid)
             self.log_metrics({"step": progress.step, **last_valid})
             log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.3f}" for k, v in last_valid.items()))
-        if self._agree(bool(options.patience) and progress.bad_validations >= options.patience):
+        if agree(bool(options.patience) and progress.bad_validations >= options.patience):
             stop = f"no improvement in {options.patience} validations"
-        return self._agree(best), stop
+        return agree(best), stop
 
     def finish(self, stop: str, last_valid: dict) -> TrainResult:
         """Save the last step if it is not saved yet, and average the last checkpoints (Section 6.1), except
         after a preemption signal: then the run resumes later and averages at its real end."""
-        if self._agree(not (self.run_dir / "checkpoint_last.pt").is_file()
+        if agree(not (self.run_dir / "checkpoint_last.pt").is_file()
                        or _last_step(self.run_dir) != self.progress.step):
             self.save()
         preempted = stop.startswith("preempted")
@@ -518,37 +419,6 @@ class Trainer:
             average_checkpoints(paths, averaged)
             log.info("averaged %d checkpoints -> %s", len(paths), averaged)
         return TrainResult(self.run_dir, self.progress, stop, dict(last_valid), averaged, preempted)
-
-    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        """values (n,) float summed over all ranks (a collective)."""
-        on = values.to("cpu" if self.device.type == "cpu" else self.device, torch.float64)
-        dist.all_reduce(on)
-        return on.to(values)
-
-    def _agree(self, flag: bool) -> bool:
-        """Rank 0's decision, on every rank (a broadcast under torchrun; free in a single process)."""
-        return bool(self._from_rank0(float(flag)))
-
-    def _from_rank0(self, value: float) -> float:
-        """Rank 0's value of `value`, on every rank (a broadcast under torchrun; free in a single process)."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.broadcast(t, src=0)
-        return t.item()
-
-
-def _remap_position(path: Path, progress: Progress, saved_world: int, world: int) -> int:
-    """The data position `progress.batch`, counted in groups of `saved_world` batches (one per process), in
-    groups of `world`; refused where no whole number of groups lands there (batches would be repeated or
-    skipped)."""
-    done = progress.batch * saved_world  # batches of the epoch all processes have consumed
-    if done % world:
-        raise MTError(f"{path} was saved by {saved_world} processes after {done} batches of epoch {progress.epoch}, "
-                      f"which {world} processes cannot continue without repeating or skipping batches; resume "
-                      f"with {saved_world} processes, or a number that divides {done}")
-    return done // world
-
 
 def _last_step(run_dir: Path) -> int | None:
     paths = step_checkpoints(run_dir)

@@ -110,6 +110,10 @@ def pairs(tmp_path) -> Path:
 
 
 TRAIN_CASES = [
+    case("average-last-beyond-keep-checkpoints", *train("--config", TINY, "--set", "train.average_last=3"),
+         expected="train.average_last (3) cannot exceed train.keep_checkpoints (2)"),
+    case("nonfinite-limit-zero", *train("--config", TINY, "--set", "train.nonfinite_limit=0"),
+         expected="train.nonfinite_limit must be positive, got 0"),
     case("config-missing", *train("--config", "{tmp}/nope.yaml"),
          expected="{tmp}/nope.yaml: config file not found"),
     case("config-invalid-yaml-line", *train("--config", "{tmp}/c.yaml"),
@@ -171,10 +175,7 @@ TRAIN_CASES = [
     case("resume-without-checkpoint", *with_corpus("--resume"),
          expected="{tmp}/run/checkpoint_last.pt: no checkpoint to resume from"),
     case("run-dir-is-a-file", *with_corpus("--set", "run_dir={tmp}/afile"),
-         files={"afile": b"not a directory\n"}, expected="{tmp}/afile",
-         marks=pytest.mark.xfail(strict=True, raises=FileExistsError,
-                                 reason="cmd_train's run_dir.mkdir raises FileExistsError (a traceback) when "
-                                        "run_dir names an existing regular file")),
+         files={"afile": b"not a directory\n"}, expected="run_dir {tmp}/afile: exists and is not a directory"),
 ]
 
 
@@ -196,6 +197,15 @@ def other_model(ckpt: Path) -> bytes:
     """The tiny checkpoint relabelled as a model with a wider feed-forward layer (average compares the specs)."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     state["model_spec"]["cfg"]["d_ff"] *= 2
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def other_vocabulary(ckpt: Path) -> bytes:
+    """The tiny checkpoint with another SentencePiece model: the same shape, another run's vocabulary."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["vocab"]["src"] = state["vocab"]["src"][:-1] + b"x"
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
@@ -327,6 +337,11 @@ AVERAGE_CASES = [
     case("checkpoints-of-different-models", "average", "--checkpoints", "{ckpt}", "{tmp}/wide.pt",
          "--output", "{tmp}/avg.pt", files={"wide.pt": other_model}, output=("new", "avg.pt"),
          expected="{tmp}/wide.pt: a different model shape from {ckpt}"),
+    case("checkpoints-of-different-vocabularies", "average", "--checkpoints", "{ckpt}", "{tmp}/other.pt",
+         "--output", "{tmp}/avg.pt", files={"other.pt": other_vocabulary}, output=("new", "avg.pt"),
+         expected="{tmp}/other.pt: a different SentencePiece vocabulary from {ckpt}"),
+    case("last-beyond-the-runs-checkpoints", "average", "--run-dir", "{run}", "--last", "50", "--output",
+         "{tmp}/avg.pt", output=("new", "avg.pt"), expected="--last 50 asks for more checkpoints than the"),
 ]
 
 

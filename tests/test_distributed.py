@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +31,8 @@ def tiny_run_args(tmp_path, dropout: float, save_every: int) -> list[str]:
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_update_freq_2(tmp_path):
-    common = tiny_run_args(tmp_path, dropout=0.0, save_every=2) + ["--set", "train.max_steps=4"]
+    common = tiny_run_args(tmp_path, dropout=0.0, save_every=2) + ["--set", "train.max_steps=4",
+                                                                   "--set", "train.log_every=2"]
     single = subprocess.run([sys.executable, "-m", "mt", "train", *common, "--set", f"run_dir={tmp_path / 'one'}",
                              "--set", "train.update_freq=2"], capture_output=True, text=True, env=ENV)
     assert single.returncode == 0, single.stderr
@@ -50,6 +52,13 @@ def test_two_gloo_processes_match_one_process_with_update_freq_2(tmp_path):
         moved = max(moved, (a["model"][key] - start[key]).abs().max().item())
     assert moved > 1e-4  # the weights did change between step 2 and 4: the comparison is not vacuous
     assert len(a["rng"]) == 1 and len(b["rng"]) == 2  # each rank's RNG state is kept for resuming
+    # The logged training loss is both ranks' (per target token of both), not rank 0's half.
+    logged = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line] for run in ("one", "two")]
+    assert [r["step"] for r in logged[0]] == [r["step"] for r in logged[1]] == [2, 4]
+    for single, ddp in zip(*logged):
+        assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-4)
+        assert ddp["nll"] == pytest.approx(single["nll"], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mt.checkpoint import average_checkpoints, load_checkpoint, load_for_inference, step_checkpoints
 from mt.config import TrainConfig, load_config
@@ -18,7 +17,8 @@ from mt.data import prepare_data
 from mt.errors import MTError
 import mt.runtime
 from mt import train as train_module
-from mt.train import Trainer, learning_rate
+from mt.optim import learning_rate
+from mt.train import Trainer
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 
