@@ -117,6 +117,7 @@ class Trainer:
         self.lr = 0.0  # train_step keeps it up to date
         self.nonfinite = NonFinite.zeros(self.device)
         self.signal: int | None = None  # a preemption signal received, handled after the current step
+        self.validated_step = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             self._resume()
@@ -291,19 +292,20 @@ class Trainer:
                 started = time.time()
                 batches, n_tokens, position = self.next_update(micro_batches)
                 if options.max_epochs and position[0] >= options.max_epochs:
-                    stop = f"max_epochs {options.max_epochs}"  # the data position stays before these batches
-                    break
-                loss, nll = self.train_step(batches, n_tokens)
-                progress.epoch, progress.batch = position
-                meter.loss += loss
-                meter.nll += nll
-                meter.tokens += sum(b.n_tgt_tokens for b in batches)
-                progress.elapsed = self.start_elapsed + time.time() - self.start_time
-                meter.seconds += time.time() - started
-                bar.update(1)
-                if progress.step % options.log_every == 0:
-                    self.log_training(meter, bar)
-                stop = self.budget_spent() or self.preempted()
+                    # Not trained: the data position stays before these batches, and the step before is the last.
+                    stop = f"max_epochs {options.max_epochs}"
+                else:
+                    loss, nll = self.train_step(batches, n_tokens)
+                    progress.epoch, progress.batch = position
+                    meter.loss += loss
+                    meter.nll += nll
+                    meter.tokens += sum(b.n_tgt_tokens for b in batches)
+                    progress.elapsed = self.start_elapsed + time.time() - self.start_time
+                    meter.seconds += time.time() - started
+                    bar.update(1)
+                    if progress.step % options.log_every == 0:
+                        self.log_training(meter, bar)
+                    stop = self.budget_spent() or self.preempted()
                 best, stop = self.validate_if_due(stop, last_valid)
                 if progress.step % options.save_every == 0 or best or stop:
                     self.save(best=best)
@@ -389,8 +391,9 @@ class Trainer:
         progress, options = self.progress, self.options
         # The last step is validated too, unless a preemption's grace period is running.
         last = bool(stop) and self.signal is None and self.data.valid is not None
-        if not (progress.step % options.validate_every == 0 or last):
+        if progress.step in (0, self.validated_step) or not (progress.step % options.validate_every == 0 or last):
             return False, stop
+        self.validated_step = progress.step
         best = False
         if self.main:
             last_valid.clear()

@@ -232,6 +232,8 @@ def test_a_max_epochs_stop_keeps_the_data_position_it_trained_and_resumes_exactl
     batches_per_epoch = result.progress.step
     saved = load_checkpoint(Path(one.run_dir) / "checkpoint_last.pt")["progress"]
     assert (saved["epoch"], saved["batch"]) == (0, batches_per_epoch) and result.stop_reason == "max_epochs 1"
+    records = [json.loads(line) for line in (Path(one.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "valid_loss" in r] == [batches_per_epoch]  # the last step, once
     _trainer(_config(tmp_path / "a", corpus, "train.max_epochs=2", *common), resume=True).fit()
     _trainer(_config(tmp_path / "b", corpus, "train.max_epochs=2", *common)).fit()
     a = load_checkpoint(Path(one.run_dir) / "checkpoint_last.pt")
