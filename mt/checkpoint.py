@@ -55,7 +55,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise MTError(f"{path}: not a readable mt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise MTError(f"{path}: not a readable mt checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise MTError(f"{path}: not an mt checkpoint (format {FORMAT})")
     return state
@@ -70,7 +71,8 @@ def model_spec(cfg: ModelConfig, vocab: Vocab) -> dict[str, Any]:
 def build_model(spec: dict[str, Any], fast: bool = True) -> Transformer:
     """The model `spec` describes, with mt.fast's kernels unless `fast` is False (the plain reference)."""
     model = Transformer(from_dict(ModelConfig, spec["cfg"], "<checkpoint>"), spec["src_vocab_size"],
-                        spec["tgt_vocab_size"], pad_id=spec["pad_id"], share_all_embeddings=spec["share_all_embeddings"])
+                        spec["tgt_vocab_size"], pad_id=spec["pad_id"],
+                        share_all_embeddings=spec["share_all_embeddings"])
     return speed_up(model) if fast else model
 
 

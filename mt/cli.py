@@ -152,8 +152,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise MTError(f"run_dir {run_dir}: exists and is not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun, rank 0 learns the vocabulary and writes the cache while the others wait, then reuse it.
-    device = resolve_device(cfg.train.device)
-    rank, world = (0, 1) if args.prepare_only else init_distributed(device)
+    device = None if args.prepare_only else resolve_device(cfg.train.device)  # a login node may lack the GPU
+    rank, world = (0, 1) if device is None else init_distributed(device)
     if rank > 0:
         torch.distributed.barrier()
     else:

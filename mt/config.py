@@ -84,12 +84,15 @@ class TrainConfig:
     update_freq: int = 1  # gradient accumulation: batches per optimiser step
     max_steps: int = 100_000
     max_epochs: int = 0  # 0: no limit
-    max_time_minutes: float = 0.0  # wall-time budget; 0: no limit
-    budget_calibration_steps: int = 200  # steps timed before max_time_minutes becomes a fixed step budget
+    # A wall-time budget (0: none), turned into a fixed step budget after budget_calibration_steps steps from
+    # their speed and a validation's; with lr_schedule linear, warmup_steps >= budget_calibration_steps keeps the
+    # learning rate of those first steps independent of the budget.
+    max_time_minutes: float = 0.0
+    budget_calibration_steps: int = 200
     patience: int = 0  # validations without improvement before stopping; 0: never stop early
     label_smoothing: float = 0.1
-    # The smoothing mass epsilon goes to all V types (fairseq), or with smoothing_excludes_pad to the V - 2
-    # types other than the reference and padding (JoeyNMT, OpenNMT).
+    # The smoothing mass epsilon goes to all V types (as F.cross_entropy), or with smoothing_excludes_pad to the
+    # V - 2 types other than the reference and padding (JoeyNMT, OpenNMT).
     smoothing_excludes_pad: bool = False
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-9
@@ -110,7 +113,8 @@ class TrainConfig:
     save_every: int = 1000
     keep_checkpoints: int = 5
     average_last: int = 5  # Section 6.1: average the last N checkpoints at the end; 0: do not
-    nonfinite_limit: int = 10  # stop after this many updates in a row skipped for a non-finite loss or gradient
+    # Stop after this many updates in a row skipped for a non-finite loss or gradient (checked at log lines).
+    nonfinite_limit: int = 10
     compile: bool = False
     num_threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
 

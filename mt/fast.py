@@ -2,13 +2,14 @@
 
 `mt.model` is the reference: `nn.Dropout` and `scaled_dot_product_attention`. Each path here computes the same
 function and is tested against it (tests/test_fast.py); each was kept because it measurably pays
-(`python scripts/bench_fast.py`: paired runs of plain and fast, figures in docs/performance.md):
+(`python scripts/bench.py --against plain --plain PART`: paired runs of plain and fast, figures in
+docs/performance.md):
 
 - `Dropout` on a CPU draws 16 random bits per element instead of PyTorch's one `bernoulli_` draw each, and
   applies the mask as numbers (a multiplication, forward and backward) instead of through `where`.
-- `attention` for bf16 on a CPU spells Equation 1 out, where PyTorch's fused CPU kernel is slow: in
-  training (its bf16 backward) and at a decoding step (few queries). On CUDA it runs SDPA without cuDNN's
-  kernel, which builds a new graph for every tensor shape it meets (varied batches, every decoding step).
+- `attention` for bf16 training on a CPU spells Equation 1 out, where PyTorch's fused CPU kernel has a slow
+  bf16 backward. On CUDA it runs SDPA without cuDNN's kernel, which builds a new graph for every tensor shape
+  it meets (varied batches, every decoding step).
 """
 
 from __future__ import annotations
@@ -21,11 +22,6 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mt.model import MultiHeadAttention, sdpa_attention
-
-# bf16 inference on a CPU: up to this many queries per row (a decoding step's beams) by the spelled-out
-# Equation 1, more (a whole sentence) by the fused kernel, the faster one there.
-SPELLED_OUT_MAX_QUERIES = 16
-
 
 def speed_up(model: nn.Module) -> nn.Module:
     """Swap the fast paths into `model` in place (every `nn.Dropout` and every attention) and return it.
@@ -71,8 +67,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causa
               dropout_p: float = 0.0) -> Tensor:
     """`mt.model.sdpa_attention`, by the fastest path for the device and dtype: the same arguments and result,
     q (B, H, Lq, Dh), k and v (B, H, Lk, Dh), mask broadcastable to (B, H, Lq, Lk) -> (B, H, Lq, Dh)."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and (torch.is_grad_enabled()
-                                                                 or q.size(-2) <= SPELLED_OUT_MAX_QUERIES):
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
         return attention_spelled_out(q, k, v, mask, causal, dropout_p)
     if q.device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
         backends = sdpa_backends_without_cudnn()
@@ -85,9 +80,10 @@ def attention_spelled_out(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
                           dropout_p: float) -> Tensor:
     """Equation 1 as two batched products in q's dtype around a float32 softmax; shapes as `attention`'s.
 
-    For bf16 on a CPU: PyTorch's fused CPU kernel has a bf16 backward several times slower than its float32
-    one, and a costly start for the few queries of a decoding step. Masking follows SDPA: `causal` aligns at
-    the top left (query i sees keys 0..i), and a query that may see no key gets zeros, not NaN.
+    For bf16 training on a CPU, where PyTorch's fused kernel has a bf16 backward several times slower than its
+    float32 one (in inference, decoding steps included, the fused kernel is the faster). Masking follows
+    SDPA: `causal` aligns at the top left (query i sees keys 0..i), and a query that may see no key gets
+    zeros, not NaN.
     """
     scores = torch.matmul(q, k.transpose(-2, -1)).float().mul_(q.size(-1) ** -0.5)  # (B, H, Lq, Lk)
     if causal:

@@ -5,7 +5,7 @@ Both return (loss, nll) summed over non-pad targets: the smoothed loss to optimi
 log-likelihood, from which perplexity is reported. The smoothed target q puts 1 - epsilon on the reference
 and spreads epsilon over the vocabulary in one of two ways:
 
-- over all V types, the reference included (fairseq, `F.cross_entropy(label_smoothing=)`): the default;
+- over all V types, the reference included (`F.cross_entropy(label_smoothing=)`): the default;
 - `exclude_pad`: over the V - 2 types that are neither the reference nor padding (JoeyNMT, OpenNMT), so no
   probability mass is taught to go to a token the model never has to produce.
 

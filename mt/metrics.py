@@ -50,6 +50,38 @@ class NonFinite:
         self.since_log.add_(nonfinite)
 
 
+@dataclass
+class Clock:
+    """This process's seconds spent per training step, validation and checkpoint: what a time budget's steps
+    are estimated from."""
+
+    steps: int = 0
+    step_seconds: float = 0.0
+    validations: int = 0
+    validation_seconds: float = 0.0
+    saves: int = 0
+    save_seconds: float = 0.0
+
+    def step(self, seconds: float) -> None:
+        self.steps, self.step_seconds = self.steps + 1, self.step_seconds + seconds
+
+    def validation(self, seconds: float) -> None:
+        self.validations, self.validation_seconds = self.validations + 1, self.validation_seconds + seconds
+
+    def save(self, seconds: float) -> None:
+        self.saves, self.save_seconds = self.saves + 1, self.save_seconds + seconds
+
+    def steps_that_fit(self, step: int, seconds_left: float, validate_every: int, save_every: int) -> int:
+        """The step at which `seconds_left` run out, from step `step`, with a validation every
+        `validate_every` steps and a checkpoint every `save_every`, each at its average cost so far."""
+        per_step = self.step_seconds / max(self.steps, 1)
+        if self.validations:
+            per_step += self.validation_seconds / self.validations / validate_every
+        if self.saves:
+            per_step += self.save_seconds / self.saves / save_every
+        return step + max(0, int(seconds_left / max(per_step, 1e-9)))
+
+
 def append_record(path: Path, record: dict) -> None:
     """Add one record to a metrics.jsonl file (a whole line per write, so a killed run leaves whole lines)."""
     with open(path, "a", encoding="utf-8") as f:

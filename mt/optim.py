@@ -17,7 +17,8 @@ def learning_rate(step: int, cfg: TrainConfig, d_model: int, done: float = 0.0) 
     `linear`: peak * min(step / warmup_steps, 1 - done), a linear warmup, then a straight line to zero at the
     end of the run. `done` in [0, 1] is the fraction of the run's steps taken: of max_steps, or of the steps a
     wall-time budget comes to. A run under a time budget then ends annealed instead of at a high learning rate
-    (Li et al., 2020, "Budgeted training"), and its last checkpoints are worth averaging. The peak is that of the inverse-sqrt curve (peak_lr, or lr_scale * (d_model * warmup_steps)^-0.5).
+    (Li et al., 2020, "Budgeted training"), and its last checkpoints are worth averaging. The peak is that of
+    the inverse-sqrt curve (peak_lr, or lr_scale * (d_model * warmup_steps)^-0.5).
     """
     step, warmup = max(step, 1), cfg.warmup_steps
     peak = cfg.peak_lr if cfg.peak_lr is not None else cfg.lr_scale * (d_model * warmup) ** -0.5

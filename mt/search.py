@@ -107,8 +107,8 @@ def _constrain_(lprobs: Tensor, length: int, limit: Tensor, *, eos: int, pad: in
     place (a search step's largest tensor, not worth a copy), with PAD forbidden, EOS forbidden while
     length < min_len, and nothing but EOS where length >= limit (the limit wins). The forced EOS keeps its
     own log-probability, so scores stay the model's. shortest_limit: a lower bound of `limit`, read once per
-    search; below it no row has reached its limit and the pass over lprobs that enforces it is skipped (on a
-    CPU a row-masked fill of 400 x 8k log-probs took 2.5 ms, more than the step's log-softmax)."""
+    search; below it no row has reached its limit and the pass over lprobs that enforces it, a row-masked fill
+    that costs a CPU more than the step's log-softmax, is skipped."""
     eos_lp = lprobs[:, eos].clone()
     if length >= shortest_limit:
         lprobs.masked_fill_((length >= limit).unsqueeze(1), -torch.inf)
@@ -138,8 +138,9 @@ def _top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     On a CPU, topk over the K * vocab candidates of a sentence costs about a nanosecond per element, the search
     step's largest cost after the model. Cut each row into blocks: the k largest elements lie in the k blocks
     with the largest maxima (a block outside them is beaten by k block maxima, so any of its elements by k
-    elements), so a topk over those blocks alone gives the same answer. 100 x 32k: 0.5-0.7 ms against 2.2-2.6.
-    Ties may be broken differently from a single topk, which promises no order among them either.
+    elements), so a topk over those blocks alone gives the same answer, at about a quarter of the cost
+    (docs/performance.md). Ties may be broken differently from a single topk, which promises no order among
+    them either.
     """
     rows, n = x.shape
     block = _block_length(n, k) if x.device.type == "cpu" else None

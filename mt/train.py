@@ -1,12 +1,13 @@
-"""The training loop: the warmup schedule, gradient accumulation, validation, checkpoints.
+"""The training loop: gradient accumulation, logging, budgets, validation, checkpoints, preemption.
 
 One optimiser step consumes `update_freq` token batches (gradient accumulation), so a small device reaches
 the paper's ~25k-token batches. The loop never synchronises with the device inside a step: losses are
 accumulated as tensors and read (`.item()`) only when a line is logged.
 
-A run killed and resumed with `--resume` ends with the same weights as an uninterrupted one: the checkpoint
-holds the model, the optimiser, the scaler, the step, the RNG states and the data position (epoch, batch),
-and the batch order is a pure function of (seed, epoch).
+A run killed and resumed with `--resume` ends with the same weights as an uninterrupted one (bitwise on a CPU;
+on a GPU within the rounding of kernels that may sum in another order): the checkpoint holds the model, the
+optimiser, the scaler, the step, the RNG states, the data position (epoch, batch) and the step budget a time
+budget became, and the batch order is a pure function of (seed, epoch).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from mt.config import Config, ModelConfig, from_dict, to_dict
 from mt.data import Batch, PreparedData, iterate_batches
 from mt.errors import MTError
 from mt.loss import label_smoothed_loss
-from mt.metrics import Meter, NonFinite, append_record
+from mt.metrics import Clock, Meter, NonFinite, append_record
 from mt.optim import learning_rate, make_optimizer
 from mt.runtime import (agree, autocast, from_rank0, gather, init_distributed, max_over_ranks, preemption_signals,
                         resolve_device, resolve_precision, rng_state, set_rng_state, sum_over_ranks)
@@ -118,6 +119,8 @@ class Trainer:
         self.nonfinite = NonFinite.zeros(self.device)
         self.signal: int | None = None  # a preemption signal received, handled after the current step
         self.validated_step = 0
+        self.validated = False  # whether this process has validated (on every rank)
+        self.clock = Clock()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             self._resume()
@@ -136,23 +139,38 @@ class Trainer:
             "step": self.progress.step,
         }
 
-    def save(self, best: bool = False) -> None:
-        state = self._state()
-        if not self.main:
-            return
-        step_path = self.run_dir / f"checkpoint_{self.progress.step}.pt"
-        save_checkpoint(step_path, state)
-        link_or_copy(step_path, self.run_dir / "checkpoint_last.pt")
-        if best:
-            link_or_copy(step_path, self.run_dir / "checkpoint_best.pt")
-        prune_checkpoints(self.run_dir, self.options.keep_checkpoints)
+    def save(self, best: bool = False, last_only: bool = False) -> None:
+        """checkpoint_<step>.pt, linked as checkpoint_last.pt (and checkpoint_best.pt), the oldest pruned; with
+        `last_only` (a preemption, off the save_every grid) checkpoint_last.pt alone, so that the grid's
+        checkpoints, which `average_last` averages, stay those of an uninterrupted run. A failed write stops
+        every rank with rank 0's one-line error."""
+        started, state, error = time.time(), self._state(), ""
+        if self.main:
+            step_path = self.run_dir / f"checkpoint_{self.progress.step}.pt"
+            try:
+                if last_only:
+                    save_checkpoint(self.run_dir / "checkpoint_last.pt", state)
+                else:
+                    save_checkpoint(step_path, state)
+                    link_or_copy(step_path, self.run_dir / "checkpoint_last.pt")
+                    if best:
+                        link_or_copy(step_path, self.run_dir / "checkpoint_best.pt")
+                    prune_checkpoints(self.run_dir, self.options.keep_checkpoints)
+            except MTError as e:
+                error = str(e)
+            except OSError as e:  # linking, copying or pruning
+                error = f"{e.filename or step_path}: {e.strerror or e} while saving the checkpoint of step " \
+                        f"{self.progress.step}"
+        if agree(bool(error)):
+            raise MTError(error or "rank 0 could not write the checkpoint (its error is in its log)")
+        self.clock.save(time.time() - started)
 
     def _resume(self) -> None:
         path, state = load_latest_checkpoint(self.run_dir)
-        saved_spec = dict(state["model_spec"], cfg=to_dict(from_dict(ModelConfig, state["model_spec"]["cfg"], str(path))))
-        if saved_spec != self.spec:  # (the config's defaults filled in: a key added since is no difference)
-            raise MTError(f"{path}: the checkpoint's model or vocabulary differs from the config's; "
-                          "resume with the config the run started with")
+        differs = _spec_difference(state["model_spec"], self.spec, str(path))
+        if differs:
+            raise MTError(f"{path}: the checkpoint's {differs} differs from the config's; resume with the config "
+                          "the run started with")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -163,7 +181,8 @@ class Trainer:
         if len(rngs) == self.world:
             set_rng_state(rngs[self.rank], self.device)
         else:
-            self.progress.batch = remap_data_position(path, self.progress.epoch, self.progress.batch, len(rngs), self.world)
+            self.progress.batch = remap_data_position(path, self.progress.epoch, self.progress.batch, len(rngs),
+                                                      self.world)
             log.warning("%s was saved by %d processes, resuming with %d: batch %d of epoch %d is now position %d, "
                         "and dropout masks differ from an uninterrupted run", path, len(rngs), self.world,
                         state["progress"]["batch"], self.progress.epoch, self.progress.batch)
@@ -302,12 +321,16 @@ class Trainer:
                     meter.tokens += sum(b.n_tgt_tokens for b in batches)
                     progress.elapsed = self.start_elapsed + time.time() - self.start_time
                     meter.seconds += time.time() - started
+                    self.clock.step(time.time() - started)
                     bar.update(1)
                     if progress.step % options.log_every == 0:
                         self.log_training(meter, bar)
                     stop = self.budget_spent() or self.preempted()
+                    bar.total = self.step_limit()  # a time budget's steps, once known
                 best, stop = self.validate_if_due(stop, last_valid)
-                if progress.step % options.save_every == 0 or best or stop:
+                if stop.startswith("preempted"):
+                    self.save(last_only=True)
+                elif progress.step % options.save_every == 0 or best or stop:
                     self.save(best=best)
         bar.close()
         return self.finish(stop, last_valid)
@@ -349,10 +372,11 @@ class Trainer:
     def budget_spent(self) -> str:
         """The stop reason once max_steps or the time budget is spent, else "".
 
-        A time budget becomes a step budget after `budget_calibration_steps` steps, from the speed so far, and
-        is recorded in `progress`: from then on the run and its learning rate depend on the step alone, so a
-        run killed and resumed ends exactly as an uninterrupted run of that many steps. Ranks see slightly
-        different clocks: under torchrun rank 0's decides, read at log steps only (a collective).
+        A time budget becomes a step budget after `budget_calibration_steps` steps and a validation: from this
+        process's seconds per training step, per validation and per save, the steps that fit in what is left.
+        It is recorded in `progress`, so from then on the run and its learning rate depend on the step alone,
+        and a run killed and resumed ends exactly as an uninterrupted run of that many steps. Under torchrun
+        rank 0's clock decides, read at log steps only (a collective).
         """
         progress, options = self.progress, self.options
         if progress.step >= options.max_steps:
@@ -364,13 +388,19 @@ class Trainer:
             elapsed = from_rank0(progress.elapsed)
             if elapsed >= budget:
                 return f"max_time_minutes {options.max_time_minutes:g}"
-            if progress.step >= options.budget_calibration_steps:
-                progress.step_budget = max(progress.step, int(budget * progress.step / elapsed))
-                log.info("max_time_minutes %g: %d steps at the speed of the first %d", options.max_time_minutes,
-                         progress.step_budget, progress.step)
+            if progress.step >= options.budget_calibration_steps and (self.data.valid is None or self.validated):
+                progress.step_budget = int(from_rank0(self.clock.steps_that_fit(
+                    progress.step, budget - elapsed, options.validate_every, options.save_every)))
+                log.info("max_time_minutes %g: %d steps in all, at the speed of this process's first %d",
+                         options.max_time_minutes, progress.step_budget, self.clock.steps)
         if progress.step_budget is not None and progress.step >= progress.step_budget:
             return f"max_time_minutes {options.max_time_minutes:g} ({progress.step_budget} steps)"
         return ""
+
+    def needs_timed_validation(self) -> bool:
+        """Whether the time budget waits for a validation's duration to become a step budget."""
+        return (bool(self.options.max_time_minutes) and self.progress.step_budget is None and not self.validated
+                and self.data.valid is not None and self.progress.step >= self.options.budget_calibration_steps)
 
     def note_signal(self, signum: int, frame) -> None:
         self.signal = signum
@@ -389,11 +419,14 @@ class Trainer:
         """Validate every `validate_every` steps and before stopping; update `last_valid` in place. Returns
         whether the dev score improved and the stop reason, patience's included."""
         progress, options = self.progress, self.options
-        # The last step is validated too, unless a preemption's grace period is running.
-        last = bool(stop) and self.signal is None and self.data.valid is not None
-        if progress.step in (0, self.validated_step) or not (progress.step % options.validate_every == 0 or last):
+        # The last step is validated too, unless a preemption's grace period is running. (From the agreed stop
+        # reason, not this rank's own signal: all ranks must reach the same collectives.)
+        last = bool(stop) and not stop.startswith("preempted") and self.data.valid is not None
+        due = progress.step % options.validate_every == 0 or last or self.needs_timed_validation()
+        if progress.step in (0, self.validated_step) or not due:
             return False, stop
-        self.validated_step = progress.step
+        self.validated_step, self.validated = progress.step, True
+        started = time.time()
         best = False
         if self.main:
             last_valid.clear()
@@ -401,6 +434,7 @@ class Trainer:
             best = self._improved(last_valid)
             self.log_metrics({"step": progress.step, **last_valid})
             log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.3f}" for k, v in last_valid.items()))
+        self.clock.validation(time.time() - started)
         if agree(bool(options.patience) and progress.bad_validations >= options.patience):
             stop = f"no improvement in {options.patience} validations"
         return agree(best), stop
@@ -408,10 +442,10 @@ class Trainer:
     def finish(self, stop: str, last_valid: dict) -> TrainResult:
         """Save the last step if it is not saved yet, and average the last checkpoints (Section 6.1), except
         after a preemption signal: then the run resumes later and averages at its real end."""
-        if agree(not (self.run_dir / "checkpoint_last.pt").is_file()
-                       or _last_step(self.run_dir) != self.progress.step):
-            self.save()
         preempted = stop.startswith("preempted")
+        if not preempted and agree(not (self.run_dir / "checkpoint_last.pt").is_file()
+                                   or _last_step(self.run_dir) != self.progress.step):
+            self.save()
         averaged = None
         if self.options.average_last and self.main and not preempted:
             paths = step_checkpoints(self.run_dir)[-self.options.average_last:]
@@ -422,6 +456,20 @@ class Trainer:
             average_checkpoints(paths, averaged)
             log.info("averaged %d checkpoints -> %s", len(paths), averaged)
         return TrainResult(self.run_dir, self.progress, stop, dict(last_valid), averaged, preempted)
+
+def _spec_difference(saved: dict, spec: dict, where: str) -> str:
+    """The first thing that differs between a checkpoint's model spec and the config's ("model.d_ff", say), or
+    "". Keys added to ModelConfig since the checkpoint take their defaults, and `embed_init` is ignored: it
+    shapes only the first step's weights."""
+    cfg = to_dict(from_dict(ModelConfig, saved["cfg"], where))
+    for key in sorted(set(cfg) | set(spec["cfg"])):
+        if key != "embed_init" and cfg.get(key) != spec["cfg"].get(key):
+            return f"model.{key} ({cfg.get(key)})"
+    for key in sorted(set(saved) - {"cfg"} | set(spec) - {"cfg"}):
+        if saved.get(key) != spec.get(key):
+            return f"{key} ({saved.get(key)})"
+    return ""
+
 
 def _last_step(run_dir: Path) -> int | None:
     paths = step_checkpoints(run_dir)

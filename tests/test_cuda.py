@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mt import train as train_module
+import mt.loss
 from mt.checkpoint import load_checkpoint
 from mt.config import ModelConfig, load_config
 from mt.data import prepare_data
@@ -60,7 +60,7 @@ def test_model_on_cuda_matches_the_cpu_in_outputs_and_gradients():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_elements", [1 << 26, 5000])  # the GPU's default (one chunk here), and many
 def test_loss_on_cuda_matches_the_cpu_in_value_and_gradient(monkeypatch, dtype, chunk_elements):
-    monkeypatch.setattr(train_module, "GPU_LOSS_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(mt.loss, "GPU_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(0)
     logits = (3 * torch.randn(300, 1000)).to(dtype)
     target = torch.randint(0, 1000, (300,))

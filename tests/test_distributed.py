@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -79,3 +81,26 @@ def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path
     assert a["progress"]["step"] == b["progress"]["step"] == 6
     for key in a["model"]:  # dropout is on: equal weights need each rank's RNG state restored
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+    common = tiny_run_args(tmp_path, dropout=0.1, save_every=1000) + [
+        "--set", "train.max_steps=100000", "--set", "train.log_every=1", "--set", f"run_dir={tmp_path / 'run'}"]
+    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", "29535", "-m", "mt", "train", *common],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(torchrun.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGUSR1)  # one rank only: the other learns it from the collective
+    _, err = torchrun.communicate(timeout=120)
+    assert "exitcode  : 75" in err or torchrun.returncode == 75, err[-3000:]
+    state = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")
+    step = state["progress"]["step"]
+    assert step % 10 == 0 and len(state["rng"]) == 2  # the ranks agreed at a PREEMPTION_CHECK_EVERY step
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged[-1] == step  # no rank trained a step the checkpoint does not hold

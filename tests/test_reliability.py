@@ -23,6 +23,7 @@ from mt.cli import EXIT_PREEMPTED, main
 from mt.config import load_config
 from mt.data import prepare_data
 from mt.errors import MTError
+from mt.metrics import Clock
 from mt.checkpoint import remap_data_position
 from mt.train import Trainer
 
@@ -113,6 +114,7 @@ def test_sigterm_checkpoints_the_current_step_exits_75_and_resume_loses_no_step(
     state = load_checkpoint(tmp_path / "stopped" / "checkpoint_last.pt")
     assert state["progress"]["step"] == trained < 400  # every step it trained is in the checkpoint
     assert not (tmp_path / "stopped" / "checkpoint_avg.pt").exists()  # averaging waits for the real end
+    assert not list((tmp_path / "stopped").glob("checkpoint_[0-9]*.pt"))  # none off the save_every grid
     # Resumed to step trained + 3, it equals a run of trained + 3 steps that was never stopped.
     more = [f"train.max_steps={trained + 3}"]
     assert main(args + ["--set", more[0], "--resume"]) == 0
@@ -239,3 +241,27 @@ def test_a_max_epochs_stop_keeps_the_data_position_it_trained_and_resumes_exactl
     a = load_checkpoint(Path(one.run_dir) / "checkpoint_last.pt")
     _same_training_state(a, load_checkpoint(tmp_path / "b" / "checkpoint_last.pt"))
     assert a["progress"]["step"] == 2 * batches_per_epoch
+
+
+def test_a_time_budget_counts_validations_and_checkpoints_when_it_becomes_steps():
+    clock = Clock()
+    for _ in range(10):
+        clock.step(1.0)
+    clock.validation(50.0)
+    clock.save(2.0)
+    # Each step costs 1 s, plus 50 s every 100 steps and 2 s every 10: 1.7 s; 170 s are 100 more steps.
+    assert clock.steps_that_fit(10, 170.0, validate_every=100, save_every=10) == 110
+    assert Clock(steps=10, step_seconds=10.0).steps_that_fit(10, 170.0, 100, 10) == 180  # nothing else timed yet
+
+
+def test_resuming_with_another_model_names_the_key_that_differs(tmp_path):
+    corpus = write_pairs(tmp_path / "pairs", 60)
+    cfg = _config(tmp_path / "run", corpus, "train.max_steps=2", "train.validate_every=100", "train.average_last=0")
+    _trainer(cfg).fit()
+    other = _config(tmp_path / "run", corpus, "train.max_steps=4", "model.d_ff=128", "model.embed_init=normal")
+    with pytest.raises(MTError, match=r"checkpoint_last.pt: the checkpoint's model.d_ff \(64\) differs from the "
+                                      r"config's; resume with the config the run started with"):
+        _trainer(other, resume=True)
+    # embed_init shapes only the first step's weights: a resume may name another one.
+    same = _config(tmp_path / "run", corpus, "train.max_steps=4", "model.embed_init=normal")
+    assert _trainer(same, resume=True).progress.step == 2
