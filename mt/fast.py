@@ -23,6 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mt.model import MultiHeadAttention, sdpa_attention
 
+SOFTMAX_MIN_ROW = 16  # see attention_spelled_out
+
 def speed_up(model: nn.Module) -> nn.Module:
     """Swap the fast paths into `model` in place (every `nn.Dropout` and every attention) and return it.
     The weights and the function computed stay the same; only the random dropout masks differ."""
@@ -85,14 +87,25 @@ def attention_spelled_out(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
     SDPA: `causal` aligns at the top left (query i sees keys 0..i), and a query that may see no key gets
     zeros, not NaN.
     """
-    scores = torch.matmul(q, k.transpose(-2, -1)).float().mul_(q.size(-1) ** -0.5)  # (B, H, Lq, Lk)
+    products = torch.matmul(q, k.transpose(-2, -1))  # (B, H, Lq, Lk)
+    lq, lk = products.shape[-2:]
+    # PyTorch's CPU softmax has no vector code for rows shorter than 16: short rows of keys get -inf columns
+    # (probability zero) up to SOFTMAX_MIN_ROW.
+    if lk >= SOFTMAX_MIN_ROW:
+        scores = products.float()
+    else:
+        scores = products.new_full((*products.shape[:-1], SOFTMAX_MIN_ROW), float("-inf"), dtype=torch.float32)
+        scores[..., :lk] = products
+    scores.mul_(q.size(-1) ** -0.5)
+    # Masks are added as 0 / -inf biases: cheaper than a broadcast masked_fill_ here, and free backward.
     if causal:
-        lq, lk = scores.shape[-2:]
-        scores.masked_fill_(torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+        scores[..., :lk] += torch.full((lq, lk), float("-inf"), device=q.device).triu_(1)
     if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    if mask is not None:
+        scores[..., :lk] += torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)[..., :lk]
+    # The fill for queries that see nothing costs two passes; a CPU reads the mask for free to skip it (a
+    # compiled graph would break on the read, so it always fills).
+    if mask is not None and (torch.compiler.is_compiling() or not bool(mask.any(dim=-1).all())):
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     return torch.matmul(dropout(probs.to(q.dtype), dropout_p), v)
 

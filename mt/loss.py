@@ -94,9 +94,10 @@ class _FusedLabelSmoothedLoss(torch.autograd.Function):
             grad = torch.empty_like(logits, dtype=grad_dtype)
         for i in range(0, n, rows):
             x = logits[i:i + rows].float()  # (rows, V)
+            x_max, x_sum = x.amax(dim=-1), x.sum(dim=-1)  # while x is in the cache, before p is written
             p = torch.softmax(x, dim=-1)
-            lse[i:i + rows] = lse_i = x.amax(dim=-1) - p.amax(dim=-1).log()
-            smooth_i = lse_i - uniform * x.sum(dim=-1)
+            lse[i:i + rows] = lse_i = x_max - p.amax(dim=-1).log()
+            smooth_i = lse_i - uniform * x_sum
             if off_pad:
                 smooth_i += off_pad * x[:, pad]
             smooth[i:i + rows] = smooth_i
