@@ -90,6 +90,41 @@ def load_for_inference(path: str | Path) -> tuple[Transformer, Vocab, Config]:
     return model.eval(), vocab, cfg
 
 
+def model_spec_difference(saved: dict, spec: dict, where: str) -> str:
+    """The first thing that differs between a checkpoint's model spec and the config's ("model.d_ff", say), or
+    "". Keys added to ModelConfig since the checkpoint take their defaults, and `embed_init` is ignored: it
+    shapes only the first step's weights."""
+    cfg = to_dict(from_dict(ModelConfig, saved["cfg"], where))
+    for key in sorted(set(cfg) | set(spec["cfg"])):
+        if key != "embed_init" and cfg.get(key) != spec["cfg"].get(key):
+            return f"model.{key} ({cfg.get(key)})"
+    for key in sorted(set(saved) - {"cfg"} | set(spec) - {"cfg"}):
+        if saved.get(key) != spec.get(key):
+            return f"{key} ({saved.get(key)})"
+    return ""
+
+
+def save_run_checkpoint(run_dir: Path, step: int, state: dict[str, Any], best: bool = False,
+                        last_only: bool = False, keep: int = 5) -> None:
+    """checkpoint_<step>.pt, linked as checkpoint_last.pt (and checkpoint_best.pt), all but the newest `keep`
+    step checkpoints pruned; with `last_only` (a preemption, off the save_every grid) checkpoint_last.pt alone,
+    so that the step checkpoints, which `average_last` averages, stay those of an uninterrupted run. Any
+    failure is a one-line MTError; the files already written stay intact."""
+    step_path = Path(run_dir) / f"checkpoint_{step}.pt"
+    if last_only:
+        save_checkpoint(Path(run_dir) / "checkpoint_last.pt", state)
+        return
+    save_checkpoint(step_path, state)
+    try:
+        link_or_copy(step_path, Path(run_dir) / "checkpoint_last.pt")
+        if best:
+            link_or_copy(step_path, Path(run_dir) / "checkpoint_best.pt")
+        prune_checkpoints(run_dir, keep)
+    except OSError as e:
+        raise MTError(f"{e.filename or step_path}: {e.strerror or e} while saving the checkpoint of step "
+                      f"{step}") from None
+
+
 def load_latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """The state to resume `run_dir` from: checkpoint_last.pt, or where that is unreadable (a truncated copy,
     a disk error) the newest readable checkpoint_<step>.pt, with a warning."""

@@ -25,9 +25,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mt.checkpoint import (average_checkpoints, build_model, link_or_copy, load_latest_checkpoint, model_spec,
-                           prune_checkpoints, remap_data_position, save_checkpoint, step_checkpoints, vocab_state)
-from mt.config import Config, ModelConfig, from_dict, to_dict
+from mt.checkpoint import (average_checkpoints, build_model, load_latest_checkpoint, model_spec,
+                           model_spec_difference, remap_data_position, save_run_checkpoint, step_checkpoints,
+                           vocab_state)
+from mt.config import Config, to_dict
 from mt.data import Batch, PreparedData, iterate_batches
 from mt.errors import MTError
 from mt.loss import label_smoothed_loss
@@ -140,34 +141,21 @@ class Trainer:
         }
 
     def save(self, best: bool = False, last_only: bool = False) -> None:
-        """checkpoint_<step>.pt, linked as checkpoint_last.pt (and checkpoint_best.pt), the oldest pruned; with
-        `last_only` (a preemption, off the save_every grid) checkpoint_last.pt alone, so that the grid's
-        checkpoints, which `average_last` averages, stay those of an uninterrupted run. A failed write stops
-        every rank with rank 0's one-line error."""
+        """Rank 0 writes the run's checkpoint (see `save_run_checkpoint`); a failed write stops every rank."""
         started, state, error = time.time(), self._state(), ""
         if self.main:
-            step_path = self.run_dir / f"checkpoint_{self.progress.step}.pt"
             try:
-                if last_only:
-                    save_checkpoint(self.run_dir / "checkpoint_last.pt", state)
-                else:
-                    save_checkpoint(step_path, state)
-                    link_or_copy(step_path, self.run_dir / "checkpoint_last.pt")
-                    if best:
-                        link_or_copy(step_path, self.run_dir / "checkpoint_best.pt")
-                    prune_checkpoints(self.run_dir, self.options.keep_checkpoints)
+                save_run_checkpoint(self.run_dir, self.progress.step, state, best=best, last_only=last_only,
+                                    keep=self.options.keep_checkpoints)
             except MTError as e:
                 error = str(e)
-            except OSError as e:  # linking, copying or pruning
-                error = f"{e.filename or step_path}: {e.strerror or e} while saving the checkpoint of step " \
-                        f"{self.progress.step}"
         if agree(bool(error)):
             raise MTError(error or "rank 0 could not write the checkpoint (its error is in its log)")
         self.clock.save(time.time() - started)
 
     def _resume(self) -> None:
         path, state = load_latest_checkpoint(self.run_dir)
-        differs = _spec_difference(state["model_spec"], self.spec, str(path))
+        differs = model_spec_difference(state["model_spec"], self.spec, str(path))
         if differs:
             raise MTError(f"{path}: the checkpoint's {differs} differs from the config's; resume with the config "
                           "the run started with")
@@ -456,20 +444,6 @@ class Trainer:
             average_checkpoints(paths, averaged)
             log.info("averaged %d checkpoints -> %s", len(paths), averaged)
         return TrainResult(self.run_dir, self.progress, stop, dict(last_valid), averaged, preempted)
-
-def _spec_difference(saved: dict, spec: dict, where: str) -> str:
-    """The first thing that differs between a checkpoint's model spec and the config's ("model.d_ff", say), or
-    "". Keys added to ModelConfig since the checkpoint take their defaults, and `embed_init` is ignored: it
-    shapes only the first step's weights."""
-    cfg = to_dict(from_dict(ModelConfig, saved["cfg"], where))
-    for key in sorted(set(cfg) | set(spec["cfg"])):
-        if key != "embed_init" and cfg.get(key) != spec["cfg"].get(key):
-            return f"model.{key} ({cfg.get(key)})"
-    for key in sorted(set(saved) - {"cfg"} | set(spec) - {"cfg"}):
-        if saved.get(key) != spec.get(key):
-            return f"{key} ({saved.get(key)})"
-    return ""
-
 
 def _last_step(run_dir: Path) -> int | None:
     paths = step_checkpoints(run_dir)
