@@ -119,8 +119,7 @@ class Trainer:
         self.lr = 0.0  # train_step keeps it up to date
         self.nonfinite = NonFinite.zeros(self.device)
         self.signal: int | None = None  # a preemption signal received, handled after the current step
-        self.validated_step = 0
-        self.validated = False  # whether this process has validated (on every rank)
+        self.validated_step = 0  # the last step this process validated (on every rank; 0: none yet)
         self.clock = Clock()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
@@ -308,8 +307,9 @@ class Trainer:
                     meter.nll += nll
                     meter.tokens += sum(b.n_tgt_tokens for b in batches)
                     progress.elapsed = self.start_elapsed + time.time() - self.start_time
-                    meter.seconds += time.time() - started
-                    self.clock.step(time.time() - started)
+                    seconds = time.time() - started
+                    meter.seconds += seconds
+                    self.clock.step(seconds)
                     bar.update(1)
                     if progress.step % options.log_every == 0:
                         self.log_training(meter, bar)
@@ -376,7 +376,8 @@ class Trainer:
             elapsed = from_rank0(progress.elapsed)
             if elapsed >= budget:
                 return f"max_time_minutes {options.max_time_minutes:g}"
-            if progress.step >= options.budget_calibration_steps and (self.data.valid is None or self.validated):
+            timed = self.data.valid is None or self.validated_step  # a validation's cost is known
+            if progress.step >= options.budget_calibration_steps and timed:
                 progress.step_budget = int(from_rank0(self.clock.steps_that_fit(
                     progress.step, budget - elapsed, options.validate_every, options.save_every)))
                 log.info("max_time_minutes %g: %d steps in all, at the speed of this process's first %d",
@@ -387,7 +388,7 @@ class Trainer:
 
     def needs_timed_validation(self) -> bool:
         """Whether the time budget waits for a validation's duration to become a step budget."""
-        return (bool(self.options.max_time_minutes) and self.progress.step_budget is None and not self.validated
+        return (bool(self.options.max_time_minutes) and self.progress.step_budget is None and not self.validated_step
                 and self.data.valid is not None and self.progress.step >= self.options.budget_calibration_steps)
 
     def note_signal(self, signum: int, frame) -> None:
@@ -413,7 +414,7 @@ class Trainer:
         due = progress.step % options.validate_every == 0 or last or self.needs_timed_validation()
         if progress.step in (0, self.validated_step) or not due:
             return False, stop
-        self.validated_step, self.validated = progress.step, True
+        self.validated_step = progress.step
         started = time.time()
         best = False
         if self.main:
