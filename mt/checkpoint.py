@@ -80,10 +80,12 @@ def vocab_state(vocab: Vocab) -> dict[str, Any]:
     return {"src": vocab.src_proto, "tgt": None if vocab.joint else vocab.tgt_proto, "identity": vocab.identity}
 
 
-def load_for_inference(path: str | Path) -> tuple[Transformer, Vocab, Config]:
-    """Rebuild the model, its vocabulary and its config from a checkpoint alone."""
-    state = load_checkpoint(path)
-    model = build_model(state["model_spec"])
+def load_for_inference(path: str | Path, fast: bool = True,
+                       state: dict[str, Any] | None = None) -> tuple[Transformer, Vocab, Config]:
+    """Rebuild the model (in eval mode; see `build_model` for `fast`), its vocabulary and its config from a
+    checkpoint alone: the file at `path`, or its `state` where the caller has read it already."""
+    state = load_checkpoint(path) if state is None else state
+    model = build_model(state["model_spec"], fast)
     model.load_state_dict(state["model"])
     vocab = Vocab.from_protos(state["vocab"]["src"], state["vocab"]["tgt"])
     cfg = from_dict(Config, state["config"], str(path))

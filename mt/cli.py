@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -30,6 +31,13 @@ EPILOG_TRAIN = """examples:
 EPILOG_TRANSLATE = """examples:
   mt translate --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --input test.de --output test.hyp.en
   cat test.de | mt translate --checkpoint runs/multi30k-de-en/checkpoint_best.pt --beam-size 5 > out.en
+"""
+
+EPILOG_EXPORT = """examples:
+  mt export --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --format ct2 --output exports/de-en-ct2
+  mt export --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --format ct2 --quantization int8 --output exports/de-en-ct2-int8
+  mt export --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --format hf --output exports/de-en-hf
+  mt export --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --format onnx --output exports/de-en-onnx
 """
 
 EPILOG_EVAL = """examples:
@@ -101,6 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     average_parser.add_argument("--output",
                                 help="where to write the average (default: RUN_DIR/checkpoint_avg.pt)")
     common(average_parser)
+
+    export_parser = sub.add_parser(
+        "export", help="write a checkpoint as a CTranslate2, Hugging Face (Marian) or ONNX model",
+        description="Export a checkpoint for another inference stack, with its SentencePiece models and a "
+                    "README.md model card. Needs the export extra: pip install -e \".[export]\".",
+        epilog=EPILOG_EXPORT, formatter_class=fmt)
+    export_parser.add_argument("--checkpoint", required=True, help="a checkpoint written by mt train or mt average")
+    export_parser.add_argument("--format", required=True, choices=("ct2", "hf", "onnx"),
+                               help="ct2: ctranslate2.Translator; hf: MarianMTModel.from_pretrained; onnx: onnxruntime")
+    export_parser.add_argument("--output", required=True, help="the directory to create")
+    export_parser.add_argument(
+        "--quantization", choices=("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
+                                   "bfloat16"),
+        help="weight type (default float32): ct2 takes any; hf float16 or bfloat16; onnx int8 (dynamic)")
+    export_parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    common(export_parser)
     return parser
 
 
@@ -121,7 +145,9 @@ def _search_options(command_parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -192,7 +218,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mt.evaluate import load_test_set, read_hyp_ref, score
+    from mt.evaluate import load_test_set, read_hyp_ref, record_scores, score
 
     if args.checkpoint is None:
         if not args.hyp or not args.ref:
@@ -213,8 +239,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         hyps = translate_lines(translator, sources)
         if args.output:
             write_lines(args.output, hyps)
-    for line in score(hyps, refs).format():
+    scores = score(hyps, refs)
+    for line in scores.format():
         print(line)
+    if args.checkpoint is not None:
+        test = f"{args.test_set} {args.language_pair}" if args.test_set else args.src
+        record_scores(Path(args.checkpoint), test, scores, translator.decode)
     return 0
 
 
@@ -233,10 +263,21 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mt.export import export
+
+    command = shlex.join(["mt", *args.argv])  # for the model card
+    output = export(args.checkpoint, args.format, args.output, args.quantization, args.force, command)
+    print(f"exported {args.checkpoint} as {args.format}"
+          f"{f' ({args.quantization})' if args.quantization else ''} -> {output}")
+    return 0
+
+
 def _search_overrides(args: argparse.Namespace) -> list[str]:
     pairs = {"beam_size": args.beam_size, "length_penalty": args.length_penalty, "method": args.method,
              "max_tokens": args.max_tokens, "nbest": getattr(args, "nbest", None), "precision": args.precision}
     return [f"decode.{k}={v}" for k, v in pairs.items() if v is not None]
 
 
-COMMANDS = {"train": cmd_train, "translate": cmd_translate, "eval": cmd_eval, "average": cmd_average}
+COMMANDS = {"train": cmd_train, "translate": cmd_translate, "eval": cmd_eval, "average": cmd_average,
+            "export": cmd_export}

@@ -68,6 +68,23 @@ def score(hyps: list[str], refs: list[str] | list[list[str]], trg_lang: str = ""
                   bleu_score.format(), chrf_score.format())
 
 
+def record_scores(checkpoint: Path, test: str, scores: Scores, decode) -> None:
+    """Append the scores of `checkpoint` on `test` to scores.jsonl beside it (its run directory), where model
+    cards (`mt export`) find them; a directory mt cannot write to is only a warning."""
+    from mt.metrics import append_record  # (imports torch, which scoring a file does not need)
+
+    search = ("greedy" if decode.method == "greedy" else
+              f"beam {decode.beam_size}, length penalty {decode.length_penalty}" if decode.method == "beam" else
+              decode.method)
+    record = {"checkpoint": checkpoint.name, "test": test, "search": search, "precision": decode.precision,
+              "bleu": scores.bleu, "chrf": scores.chrf, "bleu_signature": scores.bleu_signature,
+              "chrf_signature": scores.chrf_signature}
+    try:
+        append_record(checkpoint.parent / "scores.jsonl", record)
+    except OSError as e:
+        log.warning("%s: scores not recorded (%s)", checkpoint.parent / "scores.jsonl", e.strerror or e)
+
+
 def read_hyp_ref(hyp_path: str | Path, ref_paths: list[str | Path] | str | Path
                  ) -> tuple[list[str], list[list[str]]]:
     """Read a hypothesis file and one or more reference files, each non-empty and as long as the

@@ -1,0 +1,113 @@
+"""The model card (README.md) of an export directory: what the model is, what it was trained on, how well it
+did, the command that made it, and how to run it in its new home.
+
+Scores come from the run directory the checkpoint sits in: the last validation in `metrics.jsonl`, and the
+test sets `mt eval --checkpoint` scored this checkpoint on (`scores.jsonl`, with sacreBLEU's signatures).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mt.config import Config
+from mt.model import Transformer
+
+USAGE = {
+    "ct2": """```python
+import ctranslate2, sentencepiece as spm
+sp_src, sp_tgt = spm.SentencePieceProcessor("{dir}/source.spm"), spm.SentencePieceProcessor("{dir}/target.spm")
+translator = ctranslate2.Translator("{dir}")
+pieces = sp_src.encode(["{example}"], out_type=str)
+result = translator.translate_batch(pieces, beam_size=4)
+print(sp_tgt.decode(result[0].hypotheses[0]))
+```""",
+    "hf": """```python
+from transformers import MarianMTModel, MarianTokenizer
+tokenizer, model = MarianTokenizer.from_pretrained("{dir}"), MarianMTModel.from_pretrained("{dir}")
+batch = tokenizer(["{example}"], return_tensors="pt", padding=True)
+print(tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True))
+```""",
+    "onnx": """`encoder.onnx` maps `src` (batch, source length; SentencePiece ids then EOS = 3, padded with 0) to
+every decoder layer's cross-attention keys and values and a source mask; `decoder_step.onnx` maps one
+target token per row (BOS = 2 first), its self-attention cache and those tensors to the next token's
+log-probabilities and the cache grown by one position. The README of mt shows a greedy loop over them.""",
+}
+
+
+def _last_validation(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "metrics.jsonl"
+    last = None
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a killed run
+            if isinstance(record, dict) and "valid_loss" in record:
+                last = record
+    except OSError:
+        return None
+    return last
+
+
+def _test_scores(run_dir: Path, checkpoint: str) -> list[dict[str, Any]]:
+    """The latest score of each test set `mt eval` recorded for `checkpoint` (a file name)."""
+    by_test: dict[str, dict[str, Any]] = {}
+    try:
+        lines = (run_dir / "scores.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("checkpoint") == checkpoint:
+            by_test[record.get("test", "?")] = record
+    return list(by_test.values())
+
+
+def model_card(checkpoint: Path, state: dict[str, Any], model: Transformer, cfg: Config, fmt: str,
+               quantization: str | None, command: str) -> str:
+    """The README.md text for `checkpoint` exported as `fmt`."""
+    m, data = model.cfg, cfg.data
+    run_dir = checkpoint.parent
+    joint = state["vocab"]["tgt"] is None
+    lines = [
+        f"# {data.src_lang}→{data.tgt_lang} Transformer, trained with mt",
+        "",
+        f"A Transformer (Vaswani et al., 2017) translating {data.src_lang} into {data.tgt_lang}, trained with "
+        f"mt and exported from `{checkpoint.name}` in the {fmt} format"
+        f"{f' with {quantization} weights' if quantization else ' (float32 weights)'}.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| languages | {data.src_lang} → {data.tgt_lang} |",
+        f"| model | d_model {m.d_model}, {m.n_heads} heads, {m.n_layers} encoder + {m.decoder_layers} decoder layers, "
+        f"d_ff {m.d_ff}, {m.norm}-norm, {model.num_parameters() / 1e6:.1f}M parameters |",
+        f"| vocabulary | SentencePiece {data.spm_model_type}, {'joint' if joint else 'separate'}, "
+        f"{model.src_vocab_size} / {model.tgt_vocab_size} pieces (source.spm, target.spm) |",
+        f"| training data | `{data.train}` |",
+        f"| dev data | `{data.valid or '-'}` |",
+        f"| steps | {state.get('step', '?')}"
+        + (f", the average of {len(state['averaged'])} checkpoints ({', '.join(Path(p).name for p in state['averaged'])})"
+           if state.get("averaged") else "") + " |",
+        f"| search defaults | beam {cfg.decode.beam_size}, GNMT length penalty {cfg.decode.length_penalty} |",
+    ]
+    valid = _last_validation(run_dir)
+    if valid:
+        bleu = f", greedy BLEU {valid['valid_bleu']:.2f}" if "valid_bleu" in valid else ""
+        lines.append(f"| last validation | step {valid['step']}: loss {valid['valid_loss']:.3f}, "
+                     f"perplexity {valid.get('valid_ppl', float('nan')):.2f}{bleu} |")
+    tests = _test_scores(run_dir, checkpoint.name)
+    if tests:
+        lines += ["", "## Test scores (sacreBLEU, as `mt eval` measured them with mt's own search)", "",
+                  "| test set | search | BLEU | chrF2 | signatures |", "| --- | --- | --- | --- | --- |"]
+        for t in tests:
+            lines.append(f"| `{t.get('test')}` | {t.get('search', '')} | {t['bleu']:.2f} | {t['chrf']:.2f} | "
+                         f"`BLEU|{t['bleu_signature']}`, `chrF2|{t['chrf_signature']}` |")
+    lines += ["", "## Use", "", USAGE[fmt].format(dir=".", example=f"(a sentence in {data.src_lang})"), "",
+              "## Made by", "", "```bash", command or f"mt export --checkpoint {checkpoint} --format {fmt}", "```", ""]
+    return "\n".join(lines)
