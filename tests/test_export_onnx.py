@@ -80,9 +80,13 @@ def test_step_by_step_log_probs_match_the_teacher_forced_model(exported):
     tgt_in[:, 0] = BOS
     with torch.no_grad():
         expected = F.log_softmax(model(src, tgt_in), dim=-1)
-    got = teacher_forced(OnnxModel(out, intra_op_num_threads=1), src, tgt_in)
+    onnx_model = OnnxModel(out, intra_op_num_threads=1)
+    got = teacher_forced(onnx_model, src, tgt_in)
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert (got - expected).abs().max() < 1e-4
+    # The sinusoid tables are the graphs' constants: their size is the position limit OnnxModel checks.
+    assert onnx_model.max_src_positions == model.src_embed.pe.size(0)
+    assert onnx_model.max_tgt_positions == model.tgt_embed.pe.size(0)
 
 
 def test_greedy_and_beam_search_give_the_model_s_tokens(exported):
@@ -153,6 +157,14 @@ def test_int8_graphs_run_and_stay_close_to_float32(tmp_path):
     got = greedy_search(onnx_model, src, bos=BOS, eos=EOS, pad=PAD, max_len_b=8).tokens
     width = min(want.size(2), got.size(2))
     assert (want[..., :width] == got[..., :width]).float().mean() > 0.8
+
+
+def test_a_source_beyond_the_graphs_positions_is_a_user_error(exported):
+    model, out = exported
+    onnx_model = OnnxModel(out)
+    too_long = torch.full((1, model.src_embed.pe.size(0) + 1), 5, dtype=torch.long)
+    with pytest.raises(MTError, match="positions"):
+        onnx_model.start_decoding(too_long)
 
 
 def test_unknown_quantization_is_a_user_error(tmp_path):

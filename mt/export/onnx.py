@@ -147,6 +147,8 @@ def write_onnx(model: Transformer, out_dir: Path, quantization: str | None = Non
                       f"{', '.join(QUANTIZATIONS)})")
     _require_onnx()
     out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise MTError(f"{out_dir}: not a directory (the onnx export writes into an existing one)")
     was_training = model.training
     model.eval()
     try:
