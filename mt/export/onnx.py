@@ -23,6 +23,7 @@ decoder_step.onnx: one target position, at position t, for B rows
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import warnings
 from pathlib import Path
@@ -41,15 +42,14 @@ QUANTIZATIONS = ("int8",)
 _MISSING = 'the onnx format needs onnx and onnxruntime: pip install -e ".[export]"'
 
 
-def _require_onnx():
-    """The onnxruntime module; MTError naming the install when onnx or onnxruntime is missing."""
+def _require_onnx(exporting: bool = False):
+    """The onnxruntime module; MTError naming the install when onnx or onnxruntime is missing (or, when
+    exporting, onnxscript, which torch.onnx's dynamo exporter imports)."""
+    names = ("onnx", "onnxruntime", "onnxscript") if exporting else ("onnx", "onnxruntime")
     try:
-        import onnx
-        import onnxruntime
+        return [importlib.import_module(name) for name in names][1]
     except ImportError:
         raise MTError(_MISSING) from None
-    del onnx  # torch.onnx.export and the metadata step need it; checked here so that the error is ours
-    return onnxruntime
 
 
 # ---- the two graphs as torch modules over the model's own sub-modules
@@ -117,7 +117,8 @@ def _quiet_export():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used.*", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used.*",
+                                    category=UserWarning)
             yield
     finally:
         logger.setLevel(level)
@@ -145,7 +146,7 @@ def write_onnx(model: Transformer, out_dir: Path, quantization: str | None = Non
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise MTError(f"unknown quantization {quantization!r} for the onnx format (choose from: "
                       f"{', '.join(QUANTIZATIONS)})")
-    _require_onnx()
+    _require_onnx(exporting=True)
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise MTError(f"{out_dir}: not a directory (the onnx export writes into an existing one)")
