@@ -15,4 +15,6 @@ if [ -n "${TORCH_SPEC:-}" ]; then
 elif ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "torch==2.13.0" || python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 fi
-python -m pip install -q -e ".[dev${MT_EXTRAS:+,$MT_EXTRAS}]"
+# Extras (MT_EXTRAS=export,bench) keep the torch that is installed: transformers and friends must not swap it.
+python -m pip install -q -e ".[dev${MT_EXTRAS:+,$MT_EXTRAS}]" \
+    -c <(python -c 'import torch; print(f"torch=={torch.__version__}")')

@@ -159,6 +159,30 @@ def test_hf_greedy_and_log_probs_equal_mt_offline(which, tiny_checkpoint, post_v
     assert not no_network.attempts
 
 
+# ---- ONNX (the graphs themselves are tested in test_export_onnx.py; here, the command's output)
+
+
+@pytest.mark.parametrize("which", ["paper", "variant"])
+def test_onnx_greedy_and_log_probs_equal_mt(which, tiny_checkpoint, variant_checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from mt.export.onnx import OnnxModel
+    from mt.translate import Translator
+
+    checkpoint = tiny_checkpoint if which == "paper" else variant_checkpoint
+    directory = export(checkpoint, "onnx", tmp_path / "onnx")
+    t = load_translator(checkpoint, search_overrides=["decode.method=greedy"])
+    onnx_model = OnnxModel(directory)
+    # mt's own batching and search, over the graphs: only the model differs.
+    assert translate_lines(Translator(onnx_model, t.vocab, t.decode, t.device), SOURCES) == mt_greedy(checkpoint)
+    targets = mt_greedy(checkpoint)[:8]
+    for s, tgt, ours in zip(SOURCES[:8], targets, mt_log_probs(checkpoint, SOURCES[:8], targets)):
+        ids = t.vocab.tgt.encode(tgt)
+        state = onnx_model.start_decoding(torch.tensor([t.vocab.src.encode(s) + [3]]))
+        theirs = [onnx_model.decode_step(torch.tensor([token]), state)[0, nxt]
+                  for token, nxt in zip([2] + ids, ids + [3])]
+        assert torch.allclose(ours, torch.stack(theirs), atol=1e-4, rtol=0)
+
+
 # ---- the command: errors, staging, the model card
 
 

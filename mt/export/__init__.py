@@ -36,7 +36,7 @@ QUANTIZATIONS = {
 PACKAGES = {
     "ct2": (("ctranslate2", "ctranslate2"),),
     "hf": (("transformers", "transformers"), ("safetensors", "safetensors")),
-    "onnx": (("onnx", "onnx"), ("onnxruntime", "onnxruntime")),
+    "onnx": (("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("onnxscript", "onnxscript")),
 }
 
 # The model settings a format cannot express, as (config key, values it can express).
@@ -45,9 +45,12 @@ EXPRESSIBLE = {
 }
 
 
-def require(fmt: str) -> None:
-    """Stop with one line naming the `pip install` when a package `fmt` needs is missing."""
+def require(fmt: str, modules: tuple[str, ...] | None = None) -> None:
+    """Stop with one line naming the `pip install` when a package `fmt` needs (of `modules`, where given) is
+    missing."""
     for module, package in PACKAGES[fmt]:
+        if modules is not None and module not in modules:
+            continue
         try:
             importlib.import_module(module)
         except ImportError:

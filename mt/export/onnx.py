@@ -38,18 +38,15 @@ from mt.model import Transformer, padding_mask
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder_step.onnx"
-QUANTIZATIONS = ("int8",)
-_MISSING = 'the onnx format needs onnx and onnxruntime: pip install -e ".[export]"'
 
 
 def _require_onnx(exporting: bool = False):
-    """The onnxruntime module; MTError naming the install when onnx or onnxruntime is missing (or, when
-    exporting, onnxscript, which torch.onnx's dynamo exporter imports)."""
-    names = ("onnx", "onnxruntime", "onnxscript") if exporting else ("onnx", "onnxruntime")
-    try:
-        return [importlib.import_module(name) for name in names][1]
-    except ImportError:
-        raise MTError(_MISSING) from None
+    """The onnxruntime module; MTError naming the install when a package is missing (onnxscript, which
+    torch.onnx's exporter imports, only when exporting)."""
+    from mt.export import require
+
+    require("onnx", None if exporting else ("onnxruntime",))
+    return importlib.import_module("onnxruntime")
 
 
 # ---- the two graphs as torch modules over the model's own sub-modules
@@ -143,9 +140,11 @@ def write_onnx(model: Transformer, out_dir: Path, quantization: str | None = Non
     """Write encoder.onnx and decoder_step.onnx (see the module docstring) into the existing directory
     out_dir. quantization "int8": onnxruntime's dynamic quantization, weights int8, activations quantized on
     the fly; None: float32."""
-    if quantization is not None and quantization not in QUANTIZATIONS:
+    from mt.export import QUANTIZATIONS
+
+    if quantization is not None and quantization not in QUANTIZATIONS["onnx"]:
         raise MTError(f"unknown quantization {quantization!r} for the onnx format (choose from: "
-                      f"{', '.join(QUANTIZATIONS)})")
+                      f"{', '.join(QUANTIZATIONS['onnx'])})")
     _require_onnx(exporting=True)
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
