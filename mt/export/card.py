@@ -29,10 +29,38 @@ tokenizer, model = MarianTokenizer.from_pretrained("{dir}"), MarianMTModel.from_
 batch = tokenizer(["{example}"], return_tensors="pt", padding=True)
 print(tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True))
 ```""",
-    "onnx": """`encoder.onnx` maps `src` (batch, source length; SentencePiece ids then EOS = 3, padded with 0) to
-every decoder layer's cross-attention keys and values and a source mask; `decoder_step.onnx` maps one
-target token per row (BOS = 2 first), its self-attention cache and those tensors to the next token's
-log-probabilities and the cache grown by one position. The README of mt shows a greedy loop over them.""",
+    "onnx": """```python
+import numpy as np, onnxruntime as ort, sentencepiece as spm
+sp_src, sp_tgt = spm.SentencePieceProcessor("{dir}/source.spm"), spm.SentencePieceProcessor("{dir}/target.spm")
+encoder, decoder = ort.InferenceSession("{dir}/encoder.onnx"), ort.InferenceSession("{dir}/decoder_step.onnx")
+PAD, BOS, EOS = 0, 2, 3
+src = np.array([sp_src.encode("{example}") + [EOS]], dtype=np.int64)  # (batch, source length)
+cross_keys, cross_values, mask = encoder.run(None, {{"src": src}})
+L, B, H, _, Dh = cross_keys.shape
+keys = values = np.zeros((L, B, H, 0, Dh), np.float32)  # the self-attention cache, empty at first
+token, out = np.array([BOS]), []
+for _ in range(src.shape[1] + 49):  # mt's limit: source length + 50 tokens, EOS included
+    log_probs, keys, values = decoder.run(None, {{"tokens": token, "self_keys": keys, "self_values": values,
+        "cross_keys": cross_keys, "cross_values": cross_values, "source_mask": mask}})
+    log_probs[:, PAD] = -np.inf  # mt never outputs padding
+    token = log_probs.argmax(-1)
+    if token[0] == EOS:
+        break
+    out.append(int(token[0]))
+print(sp_tgt.decode(out))
+```""",
+}
+
+
+NOTES = {
+    "ct2": "Sources get EOS appended and targets start with BOS by this model's config, as in mt. Greedy output "
+           "equals mt's; CTranslate2's beam search normalises scores by length^alpha where mt uses GNMT's "
+           "((5 + length) / 6)^alpha, so a few beam outputs differ.",
+    "hf": "The model dimension is permuted to Marian's sinusoid layout (sines, then cosines), which leaves the "
+          "function unchanged: greedy output and log-probabilities equal mt's. `generate`'s beam search "
+          "normalises scores by length^alpha where mt uses GNMT's ((5 + length) / 6)^alpha.",
+    "onnx": "Two graphs, no search: drive them with your own loop (greedy below) or with mt's search through "
+            "`mt.export.onnx.OnnxModel`, which gives mt's own output.",
 }
 
 
@@ -75,7 +103,11 @@ def model_card(checkpoint: Path, state: dict[str, Any], model: Transformer, cfg:
     m, data = model.cfg, cfg.data
     run_dir = checkpoint.parent
     joint = state["vocab"]["tgt"] is None
+    # The Hugging Face hub reads this front matter: the languages, the task, the library that loads it.
+    library = {"ct2": "ctranslate2", "hf": "transformers", "onnx": "onnx"}[fmt]
     lines = [
+        "---", f"language: [{data.src_lang}, {data.tgt_lang}]", "pipeline_tag: translation",
+        f"library_name: {library}", "tags: [translation, transformer, mt]", "---", "",
         f"# {data.src_lang}→{data.tgt_lang} Transformer, trained with mt",
         "",
         f"A Transformer (Vaswani et al., 2017) translating {data.src_lang} into {data.tgt_lang}, trained with "
@@ -108,6 +140,6 @@ def model_card(checkpoint: Path, state: dict[str, Any], model: Transformer, cfg:
         for t in tests:
             lines.append(f"| `{t.get('test')}` | {t.get('search', '')} | {t['bleu']:.2f} | {t['chrf']:.2f} | "
                          f"`BLEU|{t['bleu_signature']}`, `chrF2|{t['chrf_signature']}` |")
-    lines += ["", "## Use", "", USAGE[fmt].format(dir=".", example=f"(a sentence in {data.src_lang})"), "",
+    lines += ["", "## Use", "", NOTES[fmt], "", USAGE[fmt].format(dir=".", example=f"(a sentence in {data.src_lang})"), "",
               "## Made by", "", "```bash", command or f"mt export --checkpoint {checkpoint} --format {fmt}", "```", ""]
     return "\n".join(lines)

@@ -118,6 +118,9 @@ def write_hf(model: Transformer, vocab: Vocab, cfg: Config, out_dir: Path, quant
     import warnings
 
     from transformers import GenerationConfig, MarianMTModel, MarianTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one export, one line of output
 
     hf_model = MarianMTModel(marian_config(model, cfg)).eval()
     # Every Marian weight must come from mt (`model.shared` is an alias of the tied embeddings), and every mt
