@@ -9,7 +9,8 @@ translates --src with greedy search and with beam 4 in: mt itself, CTranslate2 (
 against --ref and the share of lines identical to mt's output with the same search. Each engine uses its own
 beam search where it has one: CTranslate2 and HF normalise scores by length^0.6 where mt uses GNMT's
 ((5 + length) / 6)^0.6, so their beam outputs may differ from mt's where their greedy ones should not.
-Output length: mt's default limit (source length + 50); CTranslate2 and HF take one limit per batch, 256.
+Every engine stops at mt's default output limit (source length + 50); CTranslate2 and HF, which take one
+limit per call, get sentences batched by source length.
 """
 
 from __future__ import annotations
@@ -24,13 +25,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "multi30k"
 BATCH = 64  # sentences per call for CTranslate2 and HF
-MAX_LENGTH = 256
+MAX_LEN_B = 50  # mt's default output limit: source length (with EOS) + 50, EOS included
 ALPHA = 0.6
 
 
-def batches(items: list, size: int = BATCH):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def batches_by_limit(pieces: list[list[str]], size: int = BATCH):
+    """(indices, mt's output limit with EOS) of batches of at most `size` sentences that share a limit, since
+    CTranslate2 and HF take one limit per call and mt has one per sentence (source length + 50 by default)."""
+    by_limit: dict[int, list[int]] = {}
+    for i, p in enumerate(pieces):
+        by_limit.setdefault(len(p) + 1 + MAX_LEN_B, []).append(i)  # + EOS
+    for limit, indices in sorted(by_limit.items()):
+        for j in range(0, len(indices), size):
+            yield indices[j:j + size], limit
 
 
 def run_mt(checkpoint: Path, sources: list[str], beam: int) -> list[str]:
@@ -59,11 +66,14 @@ def run_ct2(directory: Path, sources: list[str], beam: int, threads: int) -> lis
     src_spm = spm.SentencePieceProcessor(model_file=str(directory / "source.spm"))
     tgt_spm = spm.SentencePieceProcessor(model_file=str(directory / "target.spm"))
     translator = ctranslate2.Translator(str(directory), device="cpu", intra_threads=threads)
-    out = []
-    for chunk in batches(sources):
-        results = translator.translate_batch(src_spm.encode(chunk, out_type=str), beam_size=beam,
-                                             length_penalty=ALPHA, max_decoding_length=MAX_LENGTH)
-        out += [tgt_spm.decode(r.hypotheses[0]) for r in results]
+    pieces = src_spm.encode(sources, out_type=str)
+    out = [""] * len(sources)
+    for indices, limit in batches_by_limit(pieces):
+        # CTranslate2's limit counts the tokens before EOS.
+        results = translator.translate_batch([pieces[i] for i in indices], beam_size=beam, length_penalty=ALPHA,
+                                             max_decoding_length=limit - 1)
+        for i, r in zip(indices, results):
+            out[i] = tgt_spm.decode(r.hypotheses[0])
     return out
 
 
@@ -74,13 +84,15 @@ def run_hf(directory: Path, sources: list[str], beam: int) -> list[str]:
         warnings.simplefilter("ignore")
         tokenizer = MarianTokenizer.from_pretrained(directory)
     model = MarianMTModel.from_pretrained(directory).eval()
-    out = []
-    for chunk in batches(sources):
-        batch = tokenizer(chunk, return_tensors="pt", padding=True)
-        with torch.inference_mode():
+    pieces = [tokenizer.tokenize(s) for s in sources]
+    out = [""] * len(sources)
+    for indices, limit in batches_by_limit(pieces):
+        batch = tokenizer([sources[i] for i in indices], return_tensors="pt", padding=True)
+        with torch.inference_mode():  # max_length counts the start token
             generated = model.generate(**batch, num_beams=beam, do_sample=False, length_penalty=ALPHA,
-                                       max_length=MAX_LENGTH + 1)
-        out += tokenizer.batch_decode(generated, skip_special_tokens=True)
+                                       max_length=limit + 1)
+        for i, text in zip(indices, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+            out[i] = text
     return out
 
 

@@ -85,7 +85,8 @@ def mt_log_probs(checkpoint: Path, sources: list[str], targets: list[str]) -> li
 
 @pytest.mark.parametrize("which", ["paper", "variant"])
 def test_ct2_greedy_and_log_probs_equal_mt(which, tiny_checkpoint, variant_checkpoint, tmp_path):
-    ctranslate2 = pytest.importorskip("ctranslate2")
+    import ctranslate2
+
     checkpoint = tiny_checkpoint if which == "paper" else variant_checkpoint
     directory = export(checkpoint, "ct2", tmp_path / "ct2")
     vocab = load_translator(checkpoint).vocab
@@ -103,7 +104,8 @@ def test_ct2_greedy_and_log_probs_equal_mt(which, tiny_checkpoint, variant_check
 
 
 def test_ct2_int8_runs_close_to_float32(tiny_checkpoint, tmp_path):
-    ctranslate2 = pytest.importorskip("ctranslate2")
+    import ctranslate2
+
     directory = export(tiny_checkpoint, "ct2", tmp_path / "int8", "--quantization", "int8")
     assert json.loads((directory / "config.json").read_text())["add_source_eos"] is True
     vocab = load_translator(tiny_checkpoint).vocab
@@ -120,7 +122,6 @@ def test_ct2_int8_runs_close_to_float32(tiny_checkpoint, tmp_path):
 
 
 def test_halves_order_maps_mts_sinusoids_onto_marians_table():
-    pytest.importorskip("transformers")
     from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
 
     from mt.export.hf import halves_order
@@ -134,7 +135,6 @@ def test_halves_order_maps_mts_sinusoids_onto_marians_table():
 @pytest.mark.parametrize("which", ["paper", "variant"])
 def test_hf_greedy_and_log_probs_equal_mt_offline(which, tiny_checkpoint, post_variant_checkpoint, tmp_path,
                                                   no_network):
-    pytest.importorskip("transformers")
     from transformers import MarianMTModel, MarianTokenizer
 
     checkpoint = tiny_checkpoint if which == "paper" else post_variant_checkpoint
@@ -164,7 +164,6 @@ def test_hf_greedy_and_log_probs_equal_mt_offline(which, tiny_checkpoint, post_v
 
 @pytest.mark.parametrize("which", ["paper", "variant"])
 def test_onnx_greedy_and_log_probs_equal_mt(which, tiny_checkpoint, variant_checkpoint, tmp_path):
-    pytest.importorskip("onnxruntime")
     from mt.export.onnx import OnnxModel
     from mt.translate import Translator
 

@@ -7,18 +7,17 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 
-ort = pytest.importorskip("onnxruntime")
-
-from mt.config import ModelConfig  # noqa: E402
-from mt.errors import MTError  # noqa: E402
-from mt.export.onnx import OnnxModel, write_onnx  # noqa: E402
-from mt.fast import speed_up  # noqa: E402
-from mt.model import Transformer  # noqa: E402
-from mt.search import beam_search, greedy_search  # noqa: E402
+from mt.config import ModelConfig
+from mt.errors import MTError
+from mt.export.onnx import OnnxModel, write_onnx
+from mt.fast import speed_up
+from mt.model import Transformer
+from mt.search import beam_search, greedy_search
 
 PAD, BOS, EOS = 0, 2, 3
 V = 50

@@ -1,9 +1,10 @@
 """`mt export`: a checkpoint leaves mt as a CTranslate2 model, a Hugging Face Marian model or ONNX graphs.
 
-    ct2.py   a ctranslate2 TransformerSpec filled from the weights, optionally quantized by CTranslate2
-    hf.py    MarianMTModel and MarianTokenizer files (the model dimension permuted to Marian's sinusoids)
-    onnx.py  the encoder and one decoder step, for onnxruntime
-    card.py  the README.md model card every export directory carries
+    weights.py  the one walk over a model's weights, each named by its role, that ct2 and hf share
+    ct2.py      a ctranslate2 TransformerSpec filled from the weights, optionally quantized by CTranslate2
+    hf.py       MarianMTModel and MarianTokenizer files (the model dimension permuted to Marian's sinusoids)
+    onnx.py     the encoder and one decoder step as graphs of the model's own modules, for onnxruntime
+    card.py     the README.md model card every export directory carries
 
 Each format is written into a temporary directory beside the output and renamed into place once complete,
 so a failure (a missing package, an architecture the format cannot express, a full disk) leaves nothing

@@ -14,66 +14,74 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from torch import Tensor, nn
+from torch import Tensor
 
 from mt.data import BOS, EOS, UNK, Vocab
+from mt.export.weights import Attention, Layer, Linear, Norm, model_weights
 from mt.model import Transformer
 
 
-def _array(t: Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
+def _array(*tensors: Tensor) -> np.ndarray:
+    """float32 numpy, several tensors concatenated along their first dimension (a fused projection)."""
+    return np.concatenate([t.detach().float().cpu().numpy() for t in tensors])
 
 
-def _linear(spec, layer: nn.Linear) -> None:
-    spec.weight = _array(layer.weight)
-    if layer.bias is not None:
-        spec.bias = _array(layer.bias)
+def _linear(spec, *parts: Linear) -> None:
+    """One CTranslate2 linear layer from one or several (fused, stacked by output rows) of ours."""
+    spec.weight = _array(*(p.weight for p in parts))
+    if parts[0].bias is not None:
+        spec.bias = _array(*(p.bias for p in parts))
 
 
-def _norm(spec, norm: nn.LayerNorm) -> None:
-    spec.gamma, spec.beta = _array(norm.weight), _array(norm.bias)
+def _norm(spec, norm: Norm) -> None:
+    spec.gamma, spec.beta = _array(norm.gain), _array(norm.bias)
+
+
+def _attention(spec, attn: Attention, cross: bool) -> None:
+    if cross:  # query, then keys and values fused, then the output projection
+        _linear(spec.linear[0], attn.q)
+        _linear(spec.linear[1], attn.k, attn.v)
+    else:  # queries, keys and values fused, then the output projection
+        _linear(spec.linear[0], attn.q, attn.k, attn.v)
+    _linear(spec.linear[-1], attn.out)
+    _norm(spec.layer_norm, attn.norm)
+
+
+def _layer(spec, layer: Layer) -> None:
+    _attention(spec.self_attention, layer.self_attn, cross=False)
+    if layer.cross_attn is not None:
+        _attention(spec.attention, layer.cross_attn, cross=True)
+    _linear(spec.ffn.linear_0, layer.ffn_in)
+    _linear(spec.ffn.linear_1, layer.ffn_out)
+    _norm(spec.ffn.layer_norm, layer.ffn_norm)
 
 
 def transformer_spec(model: Transformer, vocab: Vocab):
     """The model as a ctranslate2.specs.TransformerSpec, vocabularies registered, ready to validate and save."""
     from ctranslate2.specs import TransformerSpec, common_spec
 
-    cfg = model.cfg
-    spec = TransformerSpec.from_config((cfg.n_layers, cfg.decoder_layers), cfg.n_heads, pre_norm=cfg.norm == "pre",
+    w = model_weights(model)
+    spec = TransformerSpec.from_config((len(w.encoder), len(w.decoder)), model.cfg.n_heads, pre_norm=w.pre_norm,
                                        activation=common_spec.Activation.RELU)
-    spec.config.layer_norm_epsilon = model.encoder[0].res_attn.norm.eps
+    spec.config.layer_norm_epsilon = w.encoder[0].ffn_norm.eps
     spec.config.add_source_eos = True
     spec.config.unk_token = vocab.src.id_to_piece(UNK)
     spec.config.bos_token = spec.config.decoder_start_token = vocab.tgt.id_to_piece(BOS)
     spec.config.eos_token = vocab.tgt.id_to_piece(EOS)
 
     encoder, decoder = spec.encoder, spec.decoder
-    encoder.embeddings[0].weight = _array(model.src_embed.embed.weight)
-    decoder.embeddings.weight = _array(model.tgt_embed.embed.weight)
-    encoder.position_encodings.encodings = _array(model.src_embed.pe)
-    decoder.position_encodings.encodings = _array(model.tgt_embed.pe)
-    for layer_spec, layer in zip(encoder.layer, model.encoder):
-        _linear(layer_spec.self_attention.linear[0], layer.self_attn.qkv_proj)
-        _linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj)
-        _norm(layer_spec.self_attention.layer_norm, layer.res_attn.norm)
-        _linear(layer_spec.ffn.linear_0, layer.ffn.linear1)
-        _linear(layer_spec.ffn.linear_1, layer.ffn.linear2)
-        _norm(layer_spec.ffn.layer_norm, layer.res_ffn.norm)
-    for layer_spec, layer in zip(decoder.layer, model.decoder):
-        _linear(layer_spec.self_attention.linear[0], layer.self_attn.qkv_proj)
-        _linear(layer_spec.self_attention.linear[1], layer.self_attn.out_proj)
-        _norm(layer_spec.self_attention.layer_norm, layer.res_self.norm)
-        _linear(layer_spec.attention.linear[0], layer.cross_attn.q_proj)
-        _linear(layer_spec.attention.linear[1], layer.cross_attn.kv_proj)
-        _linear(layer_spec.attention.linear[2], layer.cross_attn.out_proj)
-        _norm(layer_spec.attention.layer_norm, layer.res_cross.norm)
-        _linear(layer_spec.ffn.linear_0, layer.ffn.linear1)
-        _linear(layer_spec.ffn.linear_1, layer.ffn.linear2)
-        _norm(layer_spec.ffn.layer_norm, layer.res_ffn.norm)
-    if cfg.norm == "pre":
-        _norm(encoder.layer_norm, model.encoder_norm)
-        _norm(decoder.layer_norm, model.decoder_norm)
-    _linear(decoder.projection, model.output)
+    encoder.embeddings[0].weight = _array(w.src_embed)
+    decoder.embeddings.weight = _array(w.tgt_embed)
+    encoder.position_encodings.encodings = _array(w.src_positions)
+    decoder.position_encodings.encodings = _array(w.tgt_positions)
+    for layer_spec, layer in zip(encoder.layer, w.encoder):
+        _layer(layer_spec, layer)
+    for layer_spec, layer in zip(decoder.layer, w.decoder):
+        _layer(layer_spec, layer)
+    if w.pre_norm:
+        _norm(encoder.layer_norm, w.encoder_norm)
+        _norm(decoder.layer_norm, w.decoder_norm)
+    decoder.projection.weight = _array(w.output)
 
     spec.register_source_vocabulary([vocab.src.id_to_piece(i) for i in range(vocab.src_size)])
     spec.register_target_vocabulary([vocab.tgt.id_to_piece(i) for i in range(vocab.tgt_size)])

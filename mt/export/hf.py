@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mt.config import Config
 from mt.data import BOS, EOS, PAD, Vocab
+from mt.export.weights import Attention, Linear, Norm, model_weights
 from mt.model import Transformer
 
 MAX_LENGTH = 512  # generate()'s default limit, as the opus-mt models set it
@@ -36,59 +37,42 @@ def marian_state_dict(model: Transformer) -> dict[str, Tensor]:
     A matrix that reads the residual stream has its input columns permuted; one that writes into it (an output
     projection, the second feed-forward layer) has its rows and bias permuted, as do LayerNorm gains and biases.
     """
+    w = model_weights(model)
     perm = halves_order(model.cfg.d_model)
-
-    def reads(w: Tensor) -> Tensor:
-        return w[:, perm]
-
-    def writes(w: Tensor) -> Tensor:
-        return w[perm]
-
     state: dict[str, Tensor] = {}
 
-    def linear(name: str, layer: torch.nn.Linear, into_stream: bool, rows: slice = slice(None)) -> None:
-        w, b = layer.weight[rows], layer.bias[rows]
-        state[f"{name}.weight"] = writes(w) if into_stream else reads(w)
-        state[f"{name}.bias"] = writes(b) if into_stream else b
+    def reads(name: str, linear: Linear) -> None:
+        state[f"{name}.weight"], state[f"{name}.bias"] = linear.weight[:, perm], linear.bias
 
-    def norm(name: str, layer: torch.nn.LayerNorm) -> None:
-        state[f"{name}.weight"], state[f"{name}.bias"] = writes(layer.weight), writes(layer.bias)
+    def writes(name: str, linear: Linear) -> None:
+        state[f"{name}.weight"], state[f"{name}.bias"] = linear.weight[perm], linear.bias[perm]
 
-    def self_attention(name: str, attn) -> None:
-        d = model.cfg.d_model
-        for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-            linear(f"{name}.{proj}", attn.qkv_proj, False, slice(i * d, (i + 1) * d))
-        linear(f"{name}.out_proj", attn.out_proj, True)
+    def norm(name: str, n: Norm) -> None:
+        state[f"{name}.weight"], state[f"{name}.bias"] = n.gain[perm], n.bias[perm]
 
-    for i, layer in enumerate(model.encoder):
-        prefix = f"model.encoder.layers.{i}"
-        self_attention(f"{prefix}.self_attn", layer.self_attn)
-        norm(f"{prefix}.self_attn_layer_norm", layer.res_attn.norm)
-        linear(f"{prefix}.fc1", layer.ffn.linear1, False)
-        linear(f"{prefix}.fc2", layer.ffn.linear2, True)
-        norm(f"{prefix}.final_layer_norm", layer.res_ffn.norm)
-    for i, layer in enumerate(model.decoder):
-        prefix = f"model.decoder.layers.{i}"
-        d = model.cfg.d_model
-        self_attention(f"{prefix}.self_attn", layer.self_attn)
-        norm(f"{prefix}.self_attn_layer_norm", layer.res_self.norm)
-        linear(f"{prefix}.encoder_attn.q_proj", layer.cross_attn.q_proj, False)
-        linear(f"{prefix}.encoder_attn.k_proj", layer.cross_attn.kv_proj, False, slice(0, d))
-        linear(f"{prefix}.encoder_attn.v_proj", layer.cross_attn.kv_proj, False, slice(d, 2 * d))
-        linear(f"{prefix}.encoder_attn.out_proj", layer.cross_attn.out_proj, True)
-        norm(f"{prefix}.encoder_attn_layer_norm", layer.res_cross.norm)
-        linear(f"{prefix}.fc1", layer.ffn.linear1, False)
-        linear(f"{prefix}.fc2", layer.ffn.linear2, True)
-        norm(f"{prefix}.final_layer_norm", layer.res_ffn.norm)
+    def attention(name: str, attn: Attention, norm_name: str) -> None:
+        for proj in ("q", "k", "v"):
+            reads(f"{name}.{proj}_proj", getattr(attn, proj))
+        writes(f"{name}.out_proj", attn.out)
+        norm(norm_name, attn.norm)
 
-    state["model.encoder.embed_tokens.weight"] = reads(model.src_embed.embed.weight)
-    state["model.decoder.embed_tokens.weight"] = reads(model.tgt_embed.embed.weight)
+    for stack, layers in (("encoder", w.encoder), ("decoder", w.decoder)):
+        for i, layer in enumerate(layers):
+            prefix = f"model.{stack}.layers.{i}"
+            attention(f"{prefix}.self_attn", layer.self_attn, f"{prefix}.self_attn_layer_norm")
+            if layer.cross_attn is not None:
+                attention(f"{prefix}.encoder_attn", layer.cross_attn, f"{prefix}.encoder_attn_layer_norm")
+            reads(f"{prefix}.fc1", layer.ffn_in)
+            writes(f"{prefix}.fc2", layer.ffn_out)
+            norm(f"{prefix}.final_layer_norm", layer.ffn_norm)
     n_positions = model.cfg.max_positions
-    state["model.encoder.embed_positions.weight"] = reads(model.src_embed.pe[:n_positions])
-    state["model.decoder.embed_positions.weight"] = reads(model.tgt_embed.pe[:n_positions])
-    state["lm_head.weight"] = reads(model.output.weight)
+    state["model.encoder.embed_tokens.weight"] = w.src_embed[:, perm]
+    state["model.decoder.embed_tokens.weight"] = w.tgt_embed[:, perm]
+    state["model.encoder.embed_positions.weight"] = w.src_positions[:n_positions, perm]
+    state["model.decoder.embed_positions.weight"] = w.tgt_positions[:n_positions, perm]
+    state["lm_head.weight"] = w.output[:, perm]
     state["final_logits_bias"] = torch.zeros(1, model.tgt_vocab_size)
-    return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
+    return {k: v.float().contiguous().clone() for k, v in state.items()}
 
 
 def marian_config(model: Transformer, cfg: Config):
