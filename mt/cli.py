@@ -138,9 +138,9 @@ def _search_options(command_parser: argparse.ArgumentParser) -> None:
     command_parser.add_argument("--max-tokens", type=int,
                                 help="source tokens per batch (default: decode.max_tokens)")
     command_parser.add_argument(
-        "--precision", choices=("fp32", "bf16", "auto"),
+        "--precision", choices=("fp32", "bf16", "int8", "auto"),
         help="weights to search with: bf16 is faster on GPUs and CPUs with bf16 matmuls; auto picks it "
-             "where they have them (default: decode.precision, fp32)")
+             "where they have them; int8 (CPU): linear layers with int8 weights (default: decode.precision, fp32)")
     command_parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
 
 

@@ -124,13 +124,13 @@ class DecodeConfig:
     """Search (Section 6.1: beam 4, length penalty 0.6, max output length input + 50)."""
 
     method: str = "beam"  # beam | greedy | sample
-    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where native): the weights search runs with
+    precision: str = "fp32"  # fp32 | bf16 | int8 (CPU) | auto (bf16 where native): the weights search runs with
     beam_size: int = 4
     length_penalty: float = 0.6
     nbest: int = 1
     max_len_a: float = 1.0  # max output length = max_len_a * input length + max_len_b
     max_len_b: int = 50
-    max_tokens: int = 8192  # source tokens per translation batch
+    max_tokens: int = 0  # source tokens per translation batch; 0: by device (mt.runtime.decode_batch_tokens)
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -153,7 +153,7 @@ CHOICES = {
     ("train", "best_metric"): ("bleu", "loss"),
     ("train", "lr_schedule"): ("inverse_sqrt", "linear"),
     ("decode", "method"): ("beam", "greedy", "sample"),
-    ("decode", "precision"): ("fp32", "bf16", "auto"),
+    ("decode", "precision"): ("fp32", "bf16", "int8", "auto"),
 }
 
 
@@ -330,8 +330,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         "train.keep_checkpoints": train.keep_checkpoints, "train.lr_scale": train.lr_scale,
         "train.adam_eps": train.adam_eps, "train.budget_calibration_steps": train.budget_calibration_steps,
         "train.nonfinite_limit": train.nonfinite_limit,
-        "decode.beam_size": decode.beam_size, "decode.nbest": decode.nbest, "decode.max_tokens": decode.max_tokens,
-        "decode.temperature": decode.temperature,
+        "decode.beam_size": decode.beam_size, "decode.nbest": decode.nbest, "decode.temperature": decode.temperature,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -343,6 +342,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         "train.clip_norm": train.clip_norm, "train.average_last": train.average_last,
         "train.num_threads": train.num_threads,
         "decode.max_len_b": decode.max_len_b, "decode.max_len_a": decode.max_len_a, "decode.top_k": decode.top_k,
+        "decode.max_tokens": decode.max_tokens,
         "decode.length_penalty": decode.length_penalty,
     }
     if model.n_decoder_layers is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -32,13 +33,24 @@ def append_to_cache(cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor,
     return (cache_k, cache_v), cache_k[:, :, :position + 1], cache_v[:, :, :position + 1]
 
 
-def _resize(buffer: Tensor, filled: int, capacity: int, index: Tensor | None = None) -> Tensor:
-    """A new (B', H, capacity, Dh) buffer holding the first `filled` positions of buffer (B, H, _, Dh), rows
-    picked by `index` (B',) when given. Positions from `filled` on are left uninitialised: never read."""
-    rows = buffer.size(0) if index is None else index.size(0)
-    out = buffer.new_empty(rows, buffer.size(1), capacity, buffer.size(3))
-    head = buffer[:, :, :filled]
-    out[:, :, :filled] = head if index is None else head.index_select(0, index)
+def _resize(buffer: Tensor, filled: int, capacity: int) -> Tensor:
+    """A new (B, H, capacity, Dh) buffer holding the first `filled` positions of buffer (B, H, _, Dh).
+    Positions from `filled` on are left uninitialised: never read."""
+    out = buffer.new_empty(buffer.size(0), buffer.size(1), capacity, buffer.size(3))
+    out[:, :, :filled] = buffer[:, :, :filled]
+    return out
+
+
+def _reorder(buffer: Tensor, filled: int, index: Tensor, spare: Tensor | None) -> Tensor:
+    """The first `filled` positions of buffer (B, H, capacity, Dh), rows picked by index (B',), written into
+    `spare` (a buffer of the same capacity with at least B' rows, not aliasing `buffer`) where it fits, else
+    into a new buffer: (B', H, capacity, Dh). Reusing the spare saves beam search a fresh cache-sized
+    allocation per layer and step, whose pages the kernel would fault in again each time."""
+    rows = index.size(0)
+    if spare is None or spare.size(0) < rows or spare.shape[1:] != buffer.shape[1:]:
+        spare = buffer.new_empty(rows, *buffer.shape[1:])
+    out = spare[:rows]
+    torch.index_select(buffer[:, :, :filled], 0, index, out=out[:, :, :filled])
     return out
 
 
@@ -58,6 +70,8 @@ class DecoderState:
     self_kv: list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values, each (B, H, capacity, Dh)
     step: int = 0  # tokens fed so far
     group: int = 1  # rows per sentence
+    # Per layer, the buffers the next `select` writes into: the caches of the state it was selected from.
+    spare_kv: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def capacity(self) -> int:
@@ -71,7 +85,8 @@ class DecoderState:
         (group > 1) reorders beams within their sentences and prunes whole sentences: `index` must then keep
         each new group's rows inside one old group, and `sentences` (B' / group,) names the old group
         (memory row) of each new group; None keeps every sentence where it is, and the memory is not copied.
-        Copies the filled part of each self-attention cache only; the capacity is kept.
+        Copies the filled part of each self-attention cache only; the capacity is kept. The new state writes
+        its own next `select` into this state's caches, so this state stays valid until then, not after.
         """
         if sentences is None and self.group == 1:
             sentences = index
@@ -80,9 +95,10 @@ class DecoderState:
         else:
             memory, src_pad = self.memory.index_select(0, sentences), self.src_pad.index_select(0, sentences)
             cross_kv = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_kv]
+        spares = self.spare_kv or [(None, None)] * len(self.self_kv)
         return DecoderState(
             memory=memory, src_pad=src_pad, cross_kv=cross_kv,
-            self_kv=[(_resize(k, self.step, k.size(2), index), _resize(v, self.step, v.size(2), index))
-                     for k, v in self.self_kv],
-            step=self.step, group=self.group,
+            self_kv=[(_reorder(k, self.step, index, spare_k), _reorder(v, self.step, index, spare_v))
+                     for (k, v), (spare_k, spare_v) in zip(self.self_kv, spares)],
+            step=self.step, group=self.group, spare_kv=self.self_kv,
         )

@@ -7,6 +7,7 @@ docs/performance.md):
 
 - `Dropout` on a CPU draws 16 random bits per element instead of PyTorch's one `bernoulli_` draw each, and
   applies the mask as numbers (a multiplication, forward and backward) instead of through `where`.
+- `int8_linears` gives CPU decoding int8 weights (dynamic quantization: activations quantized on the fly).
 - `attention` for bf16 training on a CPU spells Equation 1 out, where PyTorch's fused CPU kernel has a slow
   bf16 backward. On CUDA it runs SDPA without cuDNN's kernel, which builds a new graph for every tensor shape
   it meets (varied batches, every decoding step).
@@ -108,6 +109,18 @@ def attention_spelled_out(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
     if mask is not None and (torch.compiler.is_compiling() or not bool(mask.any(dim=-1).all())):
         probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     return torch.matmul(dropout(probs.to(q.dtype), dropout_p), v)
+
+
+def int8_linears(model: nn.Module) -> nn.Module:
+    """`model` (float32, on the CPU, for inference) with every nn.Linear replaced by PyTorch's dynamically
+    quantized one: int8 weights, one scale per matrix, activations quantized per call (fbgemm's int8 GEMM)."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch marks its quantized-tensor constructors as deprecated
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model.float().eval(), {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def sdpa_backends_without_cudnn() -> list[SDPBackend]:

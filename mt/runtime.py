@@ -53,6 +53,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def decode_batch_tokens(max_tokens: int, device: torch.device) -> int:
+    """`decode.max_tokens`, with 0 chosen by device: 2048 source tokens on a CPU, where larger batches of beams
+    spill the caches (and their logits outgrow glibc's reuse of freed memory), 8192 on a GPU, which wants
+    them large. Measured with scripts/bench_decode.py (docs/performance.md)."""
+    if max_tokens:
+        return max_tokens
+    return 2048 if device.type == "cpu" else 8192
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA and CPU; fp16 on CUDA only (it needs the gradient scaler)."""
     if precision == "fp32":

@@ -257,7 +257,7 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
     occupies a beam.
     With K = 1 and alpha = 0 this is greedy search.
 
-    A sentence is done when no live hypothesis can still beat its K-th best finished one. Log-probs are
+    A sentence is done when no live hypothesis can still beat its nbest-th best finished one. Log-probs are
     <= 0, so a live hypothesis of summed log-prob s can at best end with score s / lp(L) for the most
     favourable length L it may still reach: s / max(lp(t + 2), lp(limit)) after step t (tensor2tensor's
     bound). Stopping then never changes the result, unlike fairseq's "K finished" rule, which can miss a
@@ -325,10 +325,11 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
         prev = cand_token.gather(1, pick).flatten()
         live_tokens = hist.gather(1, pick.unsqueeze(2).expand(-1, -1, t + 1)).view(n * K, t + 1)
 
-        # Done: the best any live hypothesis can still reach is no better than the K-th finished one.
+        # Done: the best any live hypothesis can still reach is no better than the nbest-th finished one, so
+        # the nbest outputs can no longer change (the finished ones below them might, but are not returned).
         # At the limit every live score is -inf (only EOS was allowed), so every sentence is done by then.
         bound = live_scores.max(1).values / torch.maximum(lp[t + 2], lp_limit[sent])  # (n,)
-        ended = ended | (bound <= top_scores[:, -1])
+        ended = ended | (bound <= top_scores[:, nbest - 1])
         keep = None  # every sentence stays: the state reorders beams within sentences, memory untouched
         if (t + 1) % period == 0:
             n_done = int(ended.sum())  # the host read

@@ -24,7 +24,8 @@ from mt.data import BOS, EOS, PAD, Vocab, make_batches, pad_sentences
 from mt.errors import MTError
 from mt.io import atomic_open, read_lines
 from mt.model import Transformer
-from mt.runtime import resolve_precision
+from mt.fast import int8_linears
+from mt.runtime import decode_batch_tokens, native_bf16, resolve_precision
 from mt.search import SearchOutput, beam_search, greedy_search, sample
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,15 @@ def load_translator(checkpoint: str | Path, overrides: Iterable[str] = (), searc
     cfg = from_dict(Config, raw, f"{checkpoint} (with overrides)")
     validate(cfg, f"{checkpoint} (with overrides)")
     # Search reads log-probs in float32 whatever the weights are (search.py calls .float() on the logits).
-    dtype = torch.bfloat16 if resolve_precision(cfg.decode.precision, dev) == "bf16" else torch.float32
+    precision = resolve_precision(cfg.decode.precision, dev)
+    if precision == "bf16" and not native_bf16(dev):
+        log.warning("bf16 search on this %s runs slower than fp32, not faster: it has no native bf16 matrix "
+                    "products (AVX512-BF16 or AMX on a CPU), so they are emulated; use fp32 or auto", dev.type)
+    if precision == "int8":
+        if dev.type != "cpu":
+            raise MTError(f"decode.precision int8 runs on a CPU only; on {dev} use bf16 or auto")
+        return Translator(int8_linears(model), vocab, cfg.decode, dev)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return Translator(model.to(dev, dtype), vocab, cfg.decode, dev)
 
 
@@ -89,7 +98,8 @@ def translate_nbest(translator: Translator, lines: list[str]) -> list[list[tuple
     lens = np.fromiter(map(len, ids), np.int64, len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lens.sum()))
     offsets = np.concatenate([[0], np.cumsum(lens)])
-    for batch in make_batches(lens, np.zeros_like(lens), translator.decode.max_tokens, 0, 0, shuffle=False):
+    max_tokens = decode_batch_tokens(translator.decode.max_tokens, translator.device)
+    for batch in make_batches(lens, np.zeros_like(lens), max_tokens, 0, 0, shuffle=False):
         src = torch.from_numpy(pad_sentences(flat, offsets, batch, prefix=None, suffix=EOS))
         out = search(translator.model, src.to(translator.device), translator.decode)
         tokens, scores = out.tokens.tolist(), out.scores.tolist()

@@ -15,7 +15,7 @@ from mt.config import Config
 from mt.data import EOS, PAD, PreparedData, collate, make_batches, read_corpus
 from mt.loss import label_smoothed_loss
 from mt.model import Transformer
-from mt.runtime import autocast
+from mt.runtime import autocast, decode_batch_tokens
 from mt.search import greedy_search
 
 
@@ -53,7 +53,8 @@ def dev_bleu(model: Transformer, data: PreparedData, cfg: Config, precision: str
     refs = [tgt for _, tgt in read_corpus(cfg.data.valid, cfg.data.src_lang, cfg.data.tgt_lang)]
     hyps = [""] * len(valid)
     no_targets = valid.tgt_lens * 0  # batches by source length alone
-    for indices in make_batches(valid.src_lens, no_targets, decode.max_tokens, 0, 0, shuffle=False):
+    for indices in make_batches(valid.src_lens, no_targets, decode_batch_tokens(decode.max_tokens, device), 0, 0,
+                                shuffle=False):
         batch = collate(valid, indices).to(device)
         with autocast(precision, device):
             out = greedy_search(model, batch.src, bos=vocab.tgt.bos_id(), eos=EOS, pad=PAD,

@@ -253,7 +253,7 @@ TRANSLATE_CASES = [
     case("nbest-above-beam-size", *translate("--input", "{tmp}/in.de", "--beam-size", "2", "--nbest", "3"),
          files=GOOD_INPUT, expected="decode.nbest (3) cannot exceed decode.beam_size (2)"),
     case("negative-max-tokens", *translate("--input", "{tmp}/in.de", "--max-tokens", "-5"),
-         files=GOOD_INPUT, expected="decode.max_tokens must be positive, got -5"),
+         files=GOOD_INPUT, expected="decode.max_tokens must not be negative, got -5"),
     case("set-decode-key-typo", *translate("--input", "{tmp}/in.de", "--set", "decode.beam_sise=3"),
          files=GOOD_INPUT, expected="unknown key 'decode.beam_sise' (did you mean 'decode.beam_size'?)"),
     case("unknown-device", *translate("--input", "{tmp}/in.de", "--device", "gpu0"),

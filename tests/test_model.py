@@ -336,3 +336,18 @@ def test_flops_per_token_matches_pytorchs_flop_counter():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(src, tgt).sum().backward()
     assert model.flops_per_token(9, 5) * 2 * 5 == counter.get_total_flops()  # per target token, 2 x 5 of them
+
+
+def test_select_writes_into_the_caches_of_the_state_before_last_instead_of_new_ones():
+    model = tiny("post")
+    src, tgt = batch()
+    K = 2
+    with torch.inference_mode():
+        first = model.start_decoding(src, max_len=8, beam_size=K)
+        model.decode_step(tgt[:, 0].repeat_interleave(K), first)
+        reorder = torch.tensor([1, 0, 3, 2, 5, 4])
+        second = first.select(reorder)
+        third = second.select(reorder)  # back to the first order, in the first state's own buffers
+        assert third.self_kv[0][0].data_ptr() == first.self_kv[0][0].data_ptr()
+        rows = torch.arange(3).repeat_interleave(K)
+        assert_close(model.decode_step(tgt[rows, 1], third), model(src[rows], tgt[rows])[:, 1], **TOL)

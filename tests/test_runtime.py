@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from mt.runtime import keep_freed_memory, resolve_precision
+from mt.runtime import decode_batch_tokens, keep_freed_memory, resolve_precision
 
 # Allocates and frees 64 MB twenty times (the logits of a 4k-token batch are that large) and prints the median
 # page faults of the last eight rounds: a fresh mapping faults in all of its 16k pages, reused memory none.
@@ -66,3 +66,9 @@ def test_auto_precision_is_bf16_only_where_the_device_has_it_natively(monkeypatc
     for capability, want in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "fp32")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, v=capability: v)
         assert resolve_precision("auto", gpu) == want
+
+
+def test_decode_batches_are_chosen_by_device_unless_the_config_names_a_size():
+    assert decode_batch_tokens(0, torch.device("cpu")) == 2048
+    assert decode_batch_tokens(0, torch.device("cuda")) == 8192
+    assert decode_batch_tokens(500, torch.device("cpu")) == 500

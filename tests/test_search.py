@@ -513,3 +513,15 @@ def test_the_limit_pass_is_skipped_only_below_the_shortest_limit():
         full = _constrain_(lprobs.clone(), length, limit, eos=EOS, pad=PAD, min_len=2)
         fast = _constrain_(lprobs.clone(), length, limit, eos=EOS, pad=PAD, min_len=2, shortest_limit=lo)
         assert torch.equal(full, fast), length
+
+
+def test_stopping_for_the_best_output_alone_keeps_it_exact():
+    # With nbest = 1 a sentence stops once no live hypothesis can beat its best finished one, earlier than with
+    # nbest = K (its K-th); the best output must be the same either way.
+    for seed in range(6):
+        stub = StubModel(random_table(seed=seed, scale=1.0))
+        kw = dict(**IDS, beam_size=4, alpha=1.0, max_len_a=0.0, max_len_b=6)
+        one, four = beam_search(stub, src_of([2, 3]), nbest=1, **kw), beam_search(stub, src_of([2, 3]), nbest=4, **kw)
+        for s in range(2):
+            assert hyp(one, s) == hyp(four, s, 0)
+            torch.testing.assert_close(one.scores[s, 0], four.scores[s, 0])

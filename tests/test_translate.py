@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mt import translate as translate_module
 from mt.cli import main
@@ -121,3 +122,32 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     r = run_cli("translate", "--checkpoint", str(tmp_path / "nope.pt"))
     assert r.returncode == 2
     assert r.stderr.decode().strip() == f"mt: error: {tmp_path / 'nope.pt'}: checkpoint not found"
+
+
+def test_int8_search_quantizes_the_linear_layers_and_agrees_with_fp32(tiny_checkpoint):
+    lines = (MULTI30K / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:40]
+    fp32 = load_translator(tiny_checkpoint, search_overrides=["decode.method=greedy"], device="cpu")
+    int8 = load_translator(tiny_checkpoint, search_overrides=["decode.method=greedy", "decode.precision=int8"],
+                           device="cpu")
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    kinds = {type(m) for m in int8.model.modules()}
+    assert Int8Linear in kinds and torch.nn.Linear not in kinds
+    a, b = translate_lines(fp32, lines), translate_lines(int8, lines)
+    # int8 weights may flip the near-ties of an undertrained model, but not most outputs.
+    assert sum(x == y for x, y in zip(a, b)) >= 0.6 * len(lines)
+
+
+def test_bf16_search_without_native_bf16_warns_in_one_line(tiny_checkpoint, monkeypatch, caplog):
+    import mt.runtime
+
+    for module in (translate_module, mt.runtime):  # as on a CPU without AVX512-BF16 or AMX
+        monkeypatch.setattr(module, "native_bf16", lambda device: False)
+    with caplog.at_level("WARNING", logger="mt.translate"):
+        load_translator(tiny_checkpoint, search_overrides=["decode.precision=bf16"], device="cpu")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "slower than fp32" in warnings[0] and "\n" not in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mt.translate"):
+        load_translator(tiny_checkpoint, search_overrides=["decode.precision=auto"], device="cpu")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # auto picks fp32 there, silently
