@@ -25,10 +25,8 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:  # a parent that is a regular file, no permission: the user's to fix
-        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-        why = f"{blocker} is not a directory" if blocker else e.strerror or type(e).__name__
-        raise MTError(f"{path}: cannot write here ({why})") from None
+    except OSError as e:
+        raise cannot_write(path, e) from None
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
@@ -39,6 +37,13 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def cannot_write(path: Path, e: OSError) -> MTError:
+    """The one-line error for a place mt cannot write to: a parent that is a regular file, no permission."""
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    why = f"{blocker} is not a directory" if blocker else e.strerror or type(e).__name__
+    return MTError(f"{path}: cannot write here ({why})")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -256,3 +256,11 @@ def test_the_model_card_carries_the_runs_scores_and_the_command(tiny_checkpoint,
     assert "de → en" in card and "| steps | 30" in card
     assert f"| greedy | {bleu:.2f} |" in card and "BLEU|nrefs:1|" in card and str(src) in card
     assert f"mt export --checkpoint {tiny_checkpoint} --format ct2 --output {tmp_path / 'ct2'}" in card
+
+
+def test_an_output_under_a_regular_file_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--format", "ct2", "--output",
+                 str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{tmp_path / 'file'} is not a directory" in err

@@ -23,6 +23,7 @@ from typing import Iterator
 from mt.checkpoint import load_checkpoint, load_for_inference
 from mt.config import ModelConfig
 from mt.errors import MTError
+from mt.io import cannot_write
 
 FORMATS = ("ct2", "hf", "onnx")
 
@@ -79,7 +80,7 @@ def staging_directory(output: Path, force: bool) -> Iterator[Path]:
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     except OSError as e:
-        raise MTError(f"{output}: cannot write here ({e.strerror or type(e).__name__})") from None
+        raise cannot_write(output, e) from None
     try:
         yield tmp
         if output.exists():
