@@ -87,7 +87,7 @@ def staging_directory(output: Path, force: bool) -> Iterator[Path]:
             old = tmp.with_suffix(".old")
             output.rename(old)
             tmp.rename(output)
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)  # the new one is in place: a leftover is harmless
         else:
             tmp.rename(output)
     except OSError as e:  # a full disk, a permission: the user's to fix

@@ -92,7 +92,8 @@ def _test_scores(run_dir: Path, checkpoint: str) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and record.get("checkpoint") == checkpoint:
+        if (isinstance(record, dict) and record.get("checkpoint") == checkpoint
+                and all(k in record for k in ("bleu", "chrf", "bleu_signature", "chrf_signature"))):
             by_test[record.get("test", "?")] = record
     return list(by_test.values())
 
