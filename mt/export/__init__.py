@@ -86,7 +86,11 @@ def staging_directory(output: Path, force: bool) -> Iterator[Path]:
         if output.exists():
             old = tmp.with_suffix(".old")
             output.rename(old)
-            tmp.rename(output)
+            try:
+                tmp.rename(output)
+            except BaseException:  # the old export goes back where it was
+                old.rename(output)
+                raise
             shutil.rmtree(old, ignore_errors=True)  # the new one is in place: a leftover is harmless
         else:
             tmp.rename(output)
