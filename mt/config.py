@@ -127,6 +127,9 @@ class DecodeConfig:
     precision: str = "fp32"  # fp32 | bf16 | int8 (CPU) | auto (bf16 where native): the weights search runs with
     beam_size: int = 4
     length_penalty: float = 0.6
+    # Beam search stops a sentence when no live hypothesis can still win (exact); early_stop: also as soon as the
+    # step's best candidate is EOS (OpenNMT's and CTranslate2's rule: faster, not exact).
+    early_stop: bool = False
     nbest: int = 1
     max_len_a: float = 1.0  # max output length = max_len_a * input length + max_len_b
     max_len_b: int = 50

@@ -245,7 +245,7 @@ def sample(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float
 @torch.inference_mode()
 def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: int = 4,
                 alpha: float = 0.6, nbest: int = 1, max_len_a: float = 1.0, max_len_b: int = 50,
-                min_len: int = 0, sync_every: int | None = None) -> SearchOutput:
+                min_len: int = 0, sync_every: int | None = None, early_stop: bool = False) -> SearchOutput:
     """Beam search (Section 6.1: beam 4, alpha 0.6) over all sentences and beams at once.
     src (batch, src_len) long, padded with pad -> SearchOutput with `nbest` (<= beam_size) hypotheses each.
 
@@ -263,7 +263,9 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
     bound). Stopping then never changes the result, unlike fairseq's "K finished" rule, which can miss a
     longer hypothesis that the length penalty would have preferred. A done sentence leaves the batch
     (`state.select`) at the next host read, so late steps run on fewer rows; until then it adds no finished
-    hypothesis. The search ends when every sentence is done.
+    hypothesis. The search ends when every sentence is done. `early_stop` also ends a sentence as soon as the
+    best of its step's candidates is EOS (and nbest are finished), as OpenNMT and CTranslate2 do: fewer steps,
+    not always the best output.
     """
     if not 1 <= nbest <= beam_size:
         raise ValueError(f"need 1 <= nbest <= beam_size, got nbest={nbest}, beam_size={beam_size}")
@@ -330,6 +332,8 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
         # At the limit every live score is -inf (only EOS was allowed), so every sentence is done by then.
         bound = live_scores.max(1).values / torch.maximum(lp[t + 2], lp_limit[sent])  # (n,)
         ended = ended | (bound <= top_scores[:, nbest - 1])
+        if early_stop:  # OpenNMT's and CTranslate2's rule, not exact: done once the step's best candidate is EOS
+            ended = ended | (finishing[:, 0] & top_scores[:, nbest - 1].isfinite())
         keep = None  # every sentence stays: the state reorders beams within sentences, memory untouched
         if (t + 1) % period == 0:
             n_done = int(ended.sum())  # the host read

@@ -85,7 +85,7 @@ def search(model: Transformer, src: torch.Tensor, decode: DecodeConfig) -> Searc
     if decode.method == "sample":
         return sample(model, src, temperature=decode.temperature, top_k=decode.top_k, top_p=decode.top_p, **common)
     return beam_search(model, src, beam_size=decode.beam_size, alpha=decode.length_penalty, nbest=decode.nbest,
-                       **common)
+                       early_stop=decode.early_stop, **common)
 
 
 def translate_nbest(translator: Translator, lines: list[str]) -> list[list[tuple[str, float]]]:

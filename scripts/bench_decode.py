@@ -46,7 +46,7 @@ def worker(args: argparse.Namespace) -> None:
         precision = args.system.split()[1]
         translator = load_translator(args.checkpoint, search_overrides=[
             "decode.method=beam", "decode.beam_size=4", f"decode.max_tokens={args.max_tokens}",
-            f"decode.precision={precision}"])
+            f"decode.precision={precision}", f"decode.early_stop={'early' in args.system}"])
         started = time.perf_counter()
         hyps = translate_lines(translator, sources)
     else:

@@ -525,3 +525,12 @@ def test_stopping_for_the_best_output_alone_keeps_it_exact():
         for s in range(2):
             assert hyp(one, s) == hyp(four, s, 0)
             torch.testing.assert_close(one.scores[s, 0], four.scores[s, 0])
+
+
+def test_early_stop_ends_at_the_first_best_eos_where_exact_search_goes_on():
+    # The table of the test above: EOS is the best first candidate, but "B A A EOS" wins with alpha = 3.
+    table = hand_table({(): {EOS: 0.5, A: 0.3, B: 0.2}, (A,): {EOS: 0.6, A: 0.4}, (B,): {A: 1.0},
+                        (B, A): {A: 1.0}, (B, A, A): {EOS: 1.0}})
+    kw = dict(**IDS, beam_size=2, alpha=3.0, max_len_a=0.0, max_len_b=6)
+    assert hyp(beam_search(StubModel(table), src_of([1]), **kw), 0) == [B, A, A, EOS]
+    assert hyp(beam_search(StubModel(table), src_of([1]), early_stop=True, **kw), 0) == [EOS]
