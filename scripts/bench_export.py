@@ -40,22 +40,26 @@ def batches_by_limit(pieces: list[list[str]], size: int = BATCH):
             yield indices[j:j + size], limit
 
 
-def run_mt(checkpoint: Path, sources: list[str], beam: int) -> list[str]:
-    from mt.translate import load_translator, translate_lines
+def mt_translator(checkpoint: Path, beam: int):
+    from mt.translate import load_translator
 
     method = "greedy" if beam == 1 else "beam"
-    t = load_translator(checkpoint, search_overrides=[f"decode.method={method}", f"decode.beam_size={beam}",
-                                                      f"decode.length_penalty={ALPHA}"])
-    return translate_lines(t, sources)
+    return load_translator(checkpoint, search_overrides=[f"decode.method={method}", f"decode.beam_size={beam}",
+                                                         f"decode.length_penalty={ALPHA}"])
+
+
+def run_mt(checkpoint: Path, sources: list[str], beam: int) -> list[str]:
+    from mt.translate import translate_lines
+
+    return translate_lines(mt_translator(checkpoint, beam), sources)
 
 
 def run_onnx(directory: Path, checkpoint: Path, sources: list[str], beam: int, threads: int) -> list[str]:
+    """The ONNX graphs in place of mt's model, under mt's own batching and search."""
     from mt.export.onnx import OnnxModel
-    from mt.translate import Translator, load_translator, translate_lines
+    from mt.translate import Translator, translate_lines
 
-    method = "greedy" if beam == 1 else "beam"
-    t = load_translator(checkpoint, search_overrides=[f"decode.method={method}", f"decode.beam_size={beam}",
-                                                      f"decode.length_penalty={ALPHA}"])
+    t = mt_translator(checkpoint, beam)
     return translate_lines(Translator(OnnxModel(directory, threads), t.vocab, t.decode, t.device), sources)
 
 

@@ -64,37 +64,33 @@ NOTES = {
 }
 
 
-def _last_validation(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "metrics.jsonl"
-    last = None
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file, skipping a line cut short by a killed run; [] without the file."""
     try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a killed run
-            if isinstance(record, dict) and "valid_loss" in record:
-                last = record
-    except OSError:
-        return None
-    return last
-
-
-def _test_scores(run_dir: Path, checkpoint: str) -> list[dict[str, Any]]:
-    """The latest score of each test set `mt eval` recorded for `checkpoint` (a file name)."""
-    by_test: dict[str, dict[str, Any]] = {}
-    try:
-        lines = (run_dir / "scores.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
+    records = []
     for line in lines:
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if (isinstance(record, dict) and record.get("checkpoint") == checkpoint
-                and all(k in record for k in ("bleu", "chrf", "bleu_signature", "chrf_signature"))):
-            by_test[record.get("test", "?")] = record
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _last_validation(run_dir: Path) -> dict[str, Any] | None:
+    validations = [r for r in _records(run_dir / "metrics.jsonl") if "valid_loss" in r]
+    return validations[-1] if validations else None
+
+
+def _test_scores(run_dir: Path, checkpoint: str) -> list[dict[str, Any]]:
+    """The latest score of each test set `mt eval` recorded for `checkpoint` (a file name)."""
+    fields = ("bleu", "chrf", "bleu_signature", "chrf_signature")
+    by_test = {r.get("test", "?"): r for r in _records(run_dir / "scores.jsonl")
+               if r.get("checkpoint") == checkpoint and all(k in r for k in fields)}
     return list(by_test.values())
 
 
