@@ -12,6 +12,7 @@ vocabulary V. Attention masks follow `scaled_dot_product_attention`'s boolean co
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,18 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
 
+def attention_probabilities(q: Tensor, k: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """Equation 1's softmax(Q K^T / sqrt(d_k)) itself, for the callers that need to see it (attention maps,
+    alignments): q (B, H, Lq, Dh), k (B, H, Lk, Dh), mask and causal as in `sdpa_attention` ->
+    (B, H, Lq, Lk) float32, each row summing to 1."""
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1)
+
+
 class MultiHeadAttention(nn.Module):
     """Section 3.2.2: h heads of Equation 1 over learned projections, concatenated and projected by W^O.
 
@@ -139,6 +152,9 @@ class MultiHeadAttention(nn.Module):
         self.dropout_p = attention_dropout  # on the attention probabilities, applied inside the kernel
         # Equation 1 itself; mt.fast.speed_up swaps in a faster kernel with the same arguments and result.
         self.kernel = sdpa_attention
+        # Set by `attention_maps`: attend then computes the probabilities explicitly and keeps the last ones.
+        self.keep_probabilities = False
+        self.probabilities: Tensor | None = None  # (B, H, Lq, Lk) of the last call, when kept
         self.cross = cross
         if cross:
             self.q_proj = nn.Linear(d_model, d_model)
@@ -170,7 +186,11 @@ class MultiHeadAttention(nn.Module):
 
         Heads are concatenated and projected by W^O (Section 3.2.2).
         """
-        out = self.kernel(q, k, v, mask, causal, self.dropout_p if self.training else 0.0)
+        if self.keep_probabilities:
+            self.probabilities = attention_probabilities(q, k, mask, causal)
+            out = (self.probabilities.to(v.dtype) @ v)
+        else:
+            out = self.kernel(q, k, v, mask, causal, self.dropout_p if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
     def extra_repr(self) -> str:
@@ -425,3 +445,45 @@ class Transformer(nn.Module):
                                             state.group)
         state.step += 1
         return self.output(self.decoder_norm(x)).squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Looking inside: attention maps
+
+
+@dataclass
+class AttentionMaps:
+    """The attention probabilities of one teacher-forced pass, per layer, each (B, H, queries, keys) float32.
+
+    encoder: (B, H, S, S) self-attention; decoder: (B, H, T, T) causal self-attention; cross: (B, H, T, S)
+    attention of target positions (BOS + target) over the source. logits (B, T, V) of the same pass.
+    """
+
+    encoder: list[Tensor]
+    decoder: list[Tensor]
+    cross: list[Tensor]
+    logits: Tensor
+
+
+@torch.no_grad()
+def attention_maps(model: Transformer, src: Tensor, tgt_in: Tensor) -> AttentionMaps:
+    """Run `model.forward` (the code path training and scoring run; the incremental decoder computes the same
+    probabilities) on src (B, S) and tgt_in (B, T) = BOS + target, keeping every attention module's
+    probabilities. Dropout is off for the pass; the model's mode is restored after it."""
+    modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    training = model.training
+    model.eval()
+    for m in modules:
+        m.keep_probabilities = True
+    try:
+        logits = model(src, tgt_in)
+        return AttentionMaps(
+            encoder=[layer.self_attn.probabilities for layer in model.encoder],
+            decoder=[layer.self_attn.probabilities for layer in model.decoder],
+            cross=[layer.cross_attn.probabilities for layer in model.decoder],
+            logits=logits,
+        )
+    finally:
+        for m in modules:
+            m.keep_probabilities, m.probabilities = False, None
+        model.train(training)

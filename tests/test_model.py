@@ -351,3 +351,58 @@ def test_select_writes_into_the_caches_of_the_state_before_last_instead_of_new_o
         assert third.self_kv[0][0].data_ptr() == first.self_kv[0][0].data_ptr()
         rows = torch.arange(3).repeat_interleave(K)
         assert_close(model.decode_step(tgt[rows, 1], third), model(src[rows], tgt[rows])[:, 1], **TOL)
+
+
+# ---- attention maps: the probabilities of the real forward pass
+
+
+def _plain_probabilities(q_weight, q_bias, k_weight, k_bias, x_q, x_k, mask=None, causal=False):
+    """softmax(Q K^T / sqrt(d)) per head, from the projection matrices alone: (B, H, Lq, Lk)."""
+    def heads(x, w, b):
+        return (x @ w.T + b).unflatten(-1, (H, D // H)).transpose(1, 2)
+    scores = heads(x_q, q_weight, q_bias) @ heads(x_k, k_weight, k_bias).transpose(-1, -2) / math.sqrt(D // H)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, -1)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_attention_maps_are_the_forward_pass_probabilities_of_each_layer_and_head(norm):
+    model = tiny(norm)
+    _randomise_norms_and_biases(model)
+    src, tgt = batch()
+    maps = mt.model.attention_maps(model, src, tgt)
+    assert_close(maps.logits, model(src, tgt), **TOL)  # recording changes nothing downstream
+    assert [len(maps.encoder), len(maps.decoder), len(maps.cross)] == [2, 2, 2]
+
+    # Recompute every layer's input with hooks, then each layer's probabilities from its weights alone.
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
+             for name, m in model.named_modules() if isinstance(m, (mt.model.EncoderLayer, mt.model.DecoderLayer))]
+    memory, src_pad = model.encode(src)
+    model.decode(tgt, memory, src_pad)
+    for h in hooks:
+        h.remove()
+    mask = padding_mask(src_pad)
+    for i, layer in enumerate(model.encoder):
+        x = inputs[f"encoder.{i}"]
+        y = layer.res_attn.norm(x) if norm == "pre" else x
+        w, b = layer.self_attn.qkv_proj.weight.chunk(3), layer.self_attn.qkv_proj.bias.chunk(3)
+        assert_close(maps.encoder[i], _plain_probabilities(w[0], b[0], w[1], b[1], y, y, mask), **TOL)
+    for i, layer in enumerate(model.decoder):
+        x = inputs[f"decoder.{i}"]
+        y = layer.res_self.norm(x) if norm == "pre" else x
+        w, b = layer.self_attn.qkv_proj.weight.chunk(3), layer.self_attn.qkv_proj.bias.chunk(3)
+        assert_close(maps.decoder[i], _plain_probabilities(w[0], b[0], w[1], b[1], y, y, causal=True), **TOL)
+        # The cross-attention's queries come from the self-attention sub-layer's output.
+        y = layer.res_self(x, lambda z: layer.self_attn(z, causal=True))
+        y = layer.res_cross.norm(y) if norm == "pre" else y
+        kw, kb = layer.cross_attn.kv_proj.weight.chunk(2), layer.cross_attn.kv_proj.bias.chunk(2)
+        expected = _plain_probabilities(layer.cross_attn.q_proj.weight, layer.cross_attn.q_proj.bias, kw[0], kb[0],
+                                        y, memory, mask)
+        assert_close(maps.cross[i], expected, **TOL)
+        assert_close(maps.cross[i].sum(-1), torch.ones(3, H, tgt.size(1)), **TOL)
+        assert maps.cross[i][1, :, :, 4:].abs().max() == 0  # row 1's source padding gets no attention
+    assert not any(m.keep_probabilities for m in model.modules() if isinstance(m, mt.model.MultiHeadAttention))
