@@ -3,7 +3,7 @@
 # run the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MT_EXTRAS=${MT_EXTRAS:-export,bench} bash scripts/setup.sh
+MT_EXTRAS=${MT_EXTRAS:-export,bench,plot,serve} bash scripts/setup.sh
 # shellcheck disable=SC1091
 [ -n "${VIRTUAL_ENV:-}" ] || . .venv/bin/activate
 python -m pytest -q "$@"
