@@ -31,6 +31,14 @@ EPILOG_TRAIN = """examples:
 EPILOG_TRANSLATE = """examples:
   mt translate --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --input test.de --output test.hyp.en
   cat test.de | mt translate --checkpoint runs/multi30k-de-en/checkpoint_best.pt --beam-size 5 > out.en
+  mt translate --checkpoint run1/checkpoint_avg.pt run2/checkpoint_avg.pt --input test.de   # an ensemble
+  mt translate --checkpoint CKPT --input test.de --prefix starts.en       # each output starts with its line
+  mt translate --checkpoint CKPT --input test.de --alignment              # 'text ||| 0-0 1-2 ...'
+  mt translate --checkpoint CKPT --input test.de --nbest 4 --nbest-format moses
+"""
+
+EPILOG_SCORE = """examples:
+  mt score --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src corpus.de --tgt corpus.en > scores.tsv
 """
 
 EPILOG_EXPORT = """examples:
@@ -75,15 +83,38 @@ def build_parser() -> argparse.ArgumentParser:
         "translate", help="translate a file or stdin with a trained checkpoint",
         description="Translate one sentence per line; output keeps input order and line count.",
         epilog=EPILOG_TRANSLATE, formatter_class=fmt)
-    translate_parser.add_argument("--checkpoint", required=True,
-                                  help="a checkpoint written by mt train or mt average")
+    translate_parser.add_argument("--checkpoint", required=True, nargs="+",
+                                  help="a checkpoint written by mt train or mt average; several: an ensemble")
     translate_parser.add_argument("--input", default="-",
                                   help="source text, one sentence per line (default: stdin)")
     translate_parser.add_argument("--output", default="-", help="where to write translations (default: stdout)")
     _search_options(translate_parser)
     translate_parser.add_argument("--nbest", type=int,
                                   help="write the N best hypotheses per line as 'line ||| text ||| score'")
+    translate_parser.add_argument("--nbest-format", choices=("plain", "moses", "json"), default="plain",
+                                  help="moses: 'line ||| text ||| logprob= L length= N ||| score'; json: one "
+                                       "object per input line (default: plain)")
+    translate_parser.add_argument("--prefix", help="a file of target prefixes, one per input line (may be "
+                                                   "empty): each translation starts with its prefix")
+    translate_parser.add_argument("--alignment", action="store_true",
+                                  help="add word alignments, ' ||| 0-0 1-2 ...' (source-target word indices)")
+    translate_parser.add_argument("--buffer-lines", type=int,
+                                  help="lines to read before translating them (default: 1 when stdin is a "
+                                       "terminal, else 10000); 1 answers each line as it comes")
     common(translate_parser)
+
+    score_parser = sub.add_parser(
+        "score", help="the log-probability of each sentence pair under a checkpoint",
+        description="One line per pair, in order: the total log-probability of the target (EOS included) "
+                    "given the source, a tab, and the same per target token.",
+        epilog=EPILOG_SCORE, formatter_class=fmt)
+    score_parser.add_argument("--checkpoint", required=True, help="a checkpoint written by mt train or mt average")
+    score_parser.add_argument("--src", required=True, help="source sentences, one per line")
+    score_parser.add_argument("--tgt", required=True, help="target sentences, as many lines")
+    score_parser.add_argument("--output", default="-", help="where to write the scores (default: stdout)")
+    score_parser.add_argument("--max-tokens", type=int, help="tokens per batch (default: decode.max_tokens)")
+    score_parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    common(score_parser)
 
     eval_parser = sub.add_parser(
         "eval", help="score translations with sacreBLEU (BLEU and chrF)",
@@ -91,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_EVAL, formatter_class=fmt)
     eval_parser.add_argument("--hyp", help="hypothesis file to score")
     eval_parser.add_argument("--ref", nargs="+", help="reference file(s)")
-    eval_parser.add_argument("--checkpoint", help="translate --src (or the -t test set) with this checkpoint first")
+    eval_parser.add_argument("--checkpoint", nargs="+",
+                             help="translate --src (or the -t test set) with this checkpoint first (several: "
+                                  "an ensemble)")
     eval_parser.add_argument("--src", help="source file to translate (with --checkpoint)")
     eval_parser.add_argument("-t", "--test-set",
                              help="a sacreBLEU test set by name, e.g. wmt14 (with --checkpoint)")
@@ -212,8 +245,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_translate(args: argparse.Namespace) -> int:
     from mt.translate import load_translator, translate_stream
 
+    if args.nbest is not None and args.nbest < 1:
+        raise MTError(f"--nbest must be at least 1, got {args.nbest}")
     translator = load_translator(args.checkpoint, args.overrides, _search_overrides(args), args.device)
-    translate_stream(translator, args.input, args.output, nbest=args.nbest)
+    translate_stream(translator, args.input, args.output, nbest=args.nbest, nbest_format=args.nbest_format,
+                     alignment=args.alignment, prefix=args.prefix, buffer_lines=args.buffer_lines)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from mt.score import load_scorer, score_file
+
+    scorer = load_scorer(args.checkpoint, args.device, args.max_tokens)
+    score_file(scorer, args.src, args.tgt, args.output)
     return 0
 
 
@@ -244,7 +288,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(line)
     if args.checkpoint is not None:
         test = f"{args.test_set} {args.language_pair}" if args.test_set else args.src
-        record_scores(Path(args.checkpoint), test, scores, translator.decode)
+        record_scores([Path(c) for c in args.checkpoint], test, scores, translator.decode)
     return 0
 
 
@@ -279,5 +323,5 @@ def _search_overrides(args: argparse.Namespace) -> list[str]:
     return [f"decode.{k}={v}" for k, v in pairs.items() if v is not None]
 
 
-COMMANDS = {"train": cmd_train, "translate": cmd_translate, "eval": cmd_eval, "average": cmd_average,
-            "export": cmd_export}
+COMMANDS = {"train": cmd_train, "translate": cmd_translate, "score": cmd_score, "eval": cmd_eval,
+            "average": cmd_average, "export": cmd_export}
