@@ -48,7 +48,9 @@ def save_figure(figure, output: str | Path) -> Path:
         raise MTError(f"{output}: the picture's name must end in {', '.join(FORMATS)}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(output, dpi=figure.dpi)
+        # Pillow's optimised PNG: about a fifth smaller, for pictures committed beside the code.
+        png = {"pil_kwargs": {"optimize": True}} if output.suffix.lower() == ".png" else {}
+        figure.savefig(output, dpi=figure.dpi, **png)
     except OSError as e:
         raise MTError(f"{output}: cannot write the picture ({e.strerror or e})") from None
     finally:

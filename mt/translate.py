@@ -11,18 +11,20 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mt.checkpoint import load_for_inference
 from mt.config import DecodeConfig, apply_override, from_dict, to_dict, validate, Config
 from mt.data import BOS, EOS, PAD, Vocab, make_batches, pad_sentences
 from mt.errors import MTError
-from mt.io import atomic_open, read_lines
+from mt.io import atomic_open, open_text, read_lines
 from mt.model import Transformer
 from mt.fast import int8_linears
 from mt.runtime import decode_batch_tokens, native_bf16, resolve_precision
@@ -88,8 +90,10 @@ def search(model: Transformer, src: torch.Tensor, decode: DecodeConfig) -> Searc
                        early_stop=decode.early_stop, **common)
 
 
-def translate_nbest(translator: Translator, lines: list[str]) -> list[list[tuple[str, float]]]:
-    """Translate `lines`; for each, its n-best (text, score) list, best first (empty lines: [("", 0.0)])."""
+def translate_nbest(translator: Translator, lines: list[str],
+                    on_batch: Callable[[int], object] | None = None) -> list[list[tuple[str, float]]]:
+    """Translate `lines`; for each, its n-best (text, score) list, best first (empty lines: [("", 0.0)]).
+    `on_batch` is told each batch's number of sentences once they are translated (for progress)."""
     results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in lines]
     todo = [i for i, line in enumerate(lines) if line.strip()]
     if not todo:
@@ -108,6 +112,8 @@ def translate_nbest(translator: Translator, lines: list[str]) -> list[list[tuple
                 (translator.vocab.tgt.decode([x for x in hyp if x not in (PAD, EOS)]), score)
                 for hyp, score in zip(tokens[row], scores[row])
             ]
+        if on_batch is not None:
+            on_batch(len(batch))
     return results
 
 
@@ -131,18 +137,29 @@ def translate_stream(translator: Translator, input: str = "-", output: str = "-"
     """Translate `input` (a path or '-' for stdin) into `output` (a path or '-'); returns the line count."""
     lines = read_lines(input)
     count = 0
+    # Progress: a bar on a terminal, else a log line per chunk; a file's length is known, so both give an ETA.
+    total = None if str(input) == "-" else _count_lines(input)
+    bar = tqdm(total=total, desc="translate", unit="line", dynamic_ncols=True, mininterval=1.0,
+               disable=None if log.isEnabledFor(logging.INFO) else True)
+    started = time.perf_counter()
 
     def formatted() -> Iterator[str]:
         nonlocal count
         for chunk in _chunks(lines, CHUNK_LINES):
-            for k, hyps in enumerate(translate_nbest(translator, chunk)):
+            translated = translate_nbest(translator, chunk, on_batch=bar.update)
+            bar.update(sum(1 for line in chunk if not line.strip()))  # empty lines: not searched
+            for k, hyps in enumerate(translated):
                 if nbest:
                     for text, score in hyps[:nbest]:
                         yield f"{count + k} ||| {text} ||| {score:.4f}"
                 else:
                     yield hyps[0][0]
             count += len(chunk)
-            log.info("translated %d lines", count)
+            if bar.disable:
+                rate = count / max(time.perf_counter() - started, 1e-9)
+                eta = f", ETA {tqdm.format_interval((total - count) / rate)}" if total else ""
+                log.info("translated %d%s lines, %.1f lines/s%s", count, f" of {total}" if total else "", rate, eta)
+        bar.close()
 
     if output == "-":
         for line in formatted():
@@ -151,3 +168,9 @@ def translate_stream(translator: Translator, input: str = "-", output: str = "-"
     else:
         write_lines(output, formatted())
     return count
+
+
+def _count_lines(path: str | Path) -> int:
+    """Lines in a plain or .gz text file, a last line without its newline included."""
+    with open_text(path) as f:
+        return sum(1 for _ in f)
