@@ -125,9 +125,16 @@ def tensorboard_writer(log_dir: Path, purge_step: int | None = None):
     return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
+def tensorboard_tag(record: dict[str, Any], key: str) -> str:
+    """A record's key as a TensorBoard tag: train/loss, valid/loss, valid/bleu, run/peak_flops. The group keeps
+    apart what two records of one step share (elapsed_s) and lets TensorBoard show each group as a section."""
+    group = "valid" if "valid_loss" in record else "run" if "hardware" in record else "train"
+    return f"{group}/{key.removeprefix('valid_')}"
+
+
 def mirror_record(writer, record: dict[str, Any]) -> None:
-    """Write a metrics.jsonl record's numbers as TensorBoard scalars under their own keys, at its step."""
+    """Write a metrics.jsonl record's numbers as TensorBoard scalars (see `tensorboard_tag`), at its step."""
     for key, value in record.items():
         if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            writer.add_scalar(key, value, record["step"])
+            writer.add_scalar(tensorboard_tag(record, key), value, record["step"])
     writer.flush()  # a line per log_every is rare enough, and a killed run keeps what it logged
