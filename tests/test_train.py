@@ -100,8 +100,8 @@ def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_time_budg
     expected = [1e-3 * min(s / 4, 1 - (s - 1) / 20) for s in range(1, 21)]
     assert lrs == pytest.approx(expected)  # the last step still learns: 1/20 of the peak
     # No terminal, so no progress bar: each log step is a line of the log instead.
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().endswith("tokens/s")]
-    assert [line.split(":")[0] for line in lines] == [f"step {s}" for s in range(1, 21)]
+    lines = [r.getMessage() for r in caplog.records if " tokens/s, ETA " in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == [f"step {s}/20" for s in range(1, 21)]
     assert f"lr {expected[-1]:.2e}," in lines[-1]
     # A wall-time budget, once it is a step budget, ends the line there, whatever max_steps says.
     batch = next(trainer.micro_batches())[0]
