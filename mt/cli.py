@@ -48,7 +48,7 @@ EPILOG_EVAL = """examples:
 
 
 EPILOG_SEE = """examples:
-  mt plot runs/multi30k-de-en runs/multi30k-fp32 --output curves.png     # or curves.svg
+  mt plot runs/multi30k-de-en runs/multi30k-auto --output curves.png     # or curves.svg
   mt attention --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src "Ein Hund rennt." --output att.png
   mt attention --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src "Ein Hund rennt." --tgt "A dog runs." --output att.png
   mt report runs/multi30k-de-en                                          # -> runs/multi30k-de-en/report.md
