@@ -46,7 +46,6 @@ EPILOG_EVAL = """examples:
   mt eval --checkpoint runs/wmt14-en-de-base/checkpoint_avg.pt -t wmt14 -l en-de
 """
 
-
 EPILOG_SEE = """examples:
   mt plot runs/multi30k-de-en runs/multi30k-auto --output curves.png     # or curves.svg
   mt attention --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src "Ein Hund rennt." --output att.png

@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from mt.config import DecodeConfig
 from mt.data import BOS, EOS, PAD, Vocab
 from mt.errors import MTError
 from mt.metrics import read_records
 from mt.model import AttentionMaps, Transformer, attention_maps
+from mt.translate import search
 
 # Panels of the learning curves: (title, ((record key, line label), ...)); each is drawn against step and hours.
 PANELS = (
@@ -180,11 +182,9 @@ class AttentionPicture:
 
 
 def attention_inputs(model: Transformer, vocab: Vocab, source: str, target: str | None,
-                     decode) -> tuple[torch.Tensor, torch.Tensor]:
+                     decode: DecodeConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """src (1, S) = source ids + EOS, and tgt_in (1, T) = BOS + target ids, the target given or, when None,
-    the model's own translation by the configured search (`decode`, a DecodeConfig)."""
-    from mt.translate import search
-
+    the model's own translation by the configured search (`decode`)."""
     ids = vocab.src.encode(source)
     if not ids:
         raise MTError("--src is empty: nothing to attend to")
@@ -198,7 +198,8 @@ def attention_inputs(model: Transformer, vocab: Vocab, source: str, target: str 
     return src, torch.tensor([[BOS] + tgt])
 
 
-def attention_figure(model: Transformer, vocab: Vocab, src: torch.Tensor, tgt_in: torch.Tensor) -> tuple[Any, AttentionPicture]:
+def attention_figure(model: Transformer, vocab: Vocab, src: torch.Tensor,
+                     tgt_in: torch.Tensor) -> tuple[Any, AttentionPicture]:
     """A grid of every layer's and head's attention for one sentence pair, src (1, S) and tgt_in (1, T): rows
     are the encoder's layers, then the decoder's self-attention, then its cross-attention; columns are heads.
     The probabilities are those of `model.attention_maps` (the forward pass the model trains and scores with).

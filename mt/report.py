@@ -42,9 +42,11 @@ def report_text(run_dir: Path, records: list[dict[str, Any]], command: str) -> s
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Run report: {run_dir.resolve().name}", "", f"Written by `{command}` on {now}.", ""]
     if train:
-        last = train[-1]
-        lines += [f"{last['step']:,} steps, {last.get('elapsed_s', 0) / 3600:.2f} hours of training "
-                  f"(validation and checkpoints included), epoch {last.get('epoch', '?')}.", ""]
+        # The last validation may come after the last log line (a run's final step), so take the latest of both.
+        steps = max(r["step"] for r in train + valid)
+        hours = max(r.get("elapsed_s", 0.0) for r in train + valid) / 3600
+        lines += [f"{steps:,} steps, {hours:.2f} hours of training (validation and checkpoints included), "
+                  f"epoch {train[-1].get('epoch', '?')} at the last log line.", ""]
     lines += ["## Learning curves", "", f"![learning curves]({CURVES})", ""]
     lines += dev_section(valid) + test_section(run_dir) + speed_section(train, starts)
     lines += hardware_section(starts) + config_section(run_dir)
@@ -104,10 +106,10 @@ def speed_section(train: list[dict[str, Any]], starts: list[dict[str, Any]]) -> 
         processes = start["hardware"].get("processes", 1)
         achieved = tokens_per_s * start["flops_per_token"]
         mfu = achieved / (start["peak_flops"] * processes)
-        lines.append(f"- MFU {100 * mfu:.1f}%: {achieved / 1e9:,.1f} model GFLOP/s ({start['flops_per_token'] / 1e6:.2f}"
-                     f" MFLOP per target token, forward + backward) of a {start['peak_flops'] / 1e9:,.0f} GFLOP/s "
-                     f"{start.get('precision', '')} matmul peak measured at the start of training"
-                     + (f", x {processes} processes" if processes > 1 else ""))
+        lines.append(f"- MFU {100 * mfu:.1f}%: {achieved / 1e9:,.1f} model GFLOP/s "
+                     f"({start['flops_per_token'] / 1e6:.2f} MFLOP per target token, forward + backward) of a "
+                     f"{start['peak_flops'] / 1e9:,.0f} GFLOP/s {start.get('precision', '')} matmul peak measured at "
+                     "the start of training" + (f", x {processes} processes" if processes > 1 else ""))
     else:
         lines.append("- MFU: not recorded (the run predates mt train's hardware record)")
     return lines + [""]
@@ -117,7 +119,8 @@ def hardware_section(starts: list[dict[str, Any]]) -> list[str]:
     lines = ["## Hardware", ""]
     if not starts:
         return lines + ["Not recorded (the run predates mt train's hardware record).", ""]
-    lines += ["| from step | device | threads | processes | precision | torch |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["| from step | device | threads | processes | precision | torch |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for r in starts:
         h = r["hardware"]
         lines.append(f"| {r['step']:,} | {h.get('name', '?')} ({h.get('device', '?')}) | {h.get('threads', '?')} | "
