@@ -272,3 +272,13 @@ def test_log_to_accepts_tensorboard_only():
         load_config("configs/tiny.yaml", ["train.log_to=[wandb]"])
     with pytest.raises(MTError, match="train.log_to must be a list"):
         load_config("configs/tiny.yaml", ["train.log_to=tensorboard"])
+
+
+def test_log_to_tensorboard_without_the_package_is_a_one_line_error_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    corpus = _write_corpus(tmp_path / "pairs", n=20)
+    cfg = _tiny_config(tmp_path, corpus, "train.log_to=[tensorboard]")
+    message = r'^train.log_to: tensorboard needs the tensorboard package: pip install -e "\.\[plot\]"$'
+    with pytest.raises(MTError, match=message):
+        Trainer(cfg, prepare_data(cfg.data, cfg.run_dir))
+    assert not (Path(cfg.run_dir) / "metrics.jsonl").exists()
