@@ -159,8 +159,8 @@ def learning_curves(run_dirs: list[str | Path]):
                 ax.set_yscale("log")
             if ax.lines:
                 ax.legend(fontsize=7)
-        axes[-1, 0].set_xlabel("step")
-        axes[-1, 1].set_xlabel("hours of training")
+    axes[-1, 0].set_xlabel("step")
+    axes[-1, 1].set_xlabel("hours of training")
     figure.tight_layout()
     return figure
 
@@ -202,7 +202,7 @@ def attention_figure(model: Transformer, vocab: Vocab, src: torch.Tensor,
                      tgt_in: torch.Tensor) -> tuple[Any, AttentionPicture]:
     """A grid of every layer's and head's attention for one sentence pair, src (1, S) and tgt_in (1, T): rows
     are the encoder's layers, then the decoder's self-attention, then its cross-attention; columns are heads.
-    The probabilities are those of `model.attention_maps` (the forward pass the model trains and scores with).
+    The probabilities are those of `mt.model.attention_maps`: the forward pass the model trains and scores with.
     Returns the Figure and what it drew."""
     plt = pyplot()
     maps = attention_maps(model, src, tgt_in)
