@@ -54,6 +54,13 @@ EPILOG_EVAL = """examples:
   mt eval --checkpoint runs/wmt14-en-de-base/checkpoint_avg.pt -t wmt14 -l en-de
 """
 
+EPILOG_SEE = """examples:
+  mt plot runs/multi30k-de-en runs/multi30k-auto --output curves.png     # or curves.svg
+  mt attention --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src "Ein Hund rennt." --output att.png
+  mt attention --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src "Ein Hund rennt." --tgt "A dog runs." --output att.png
+  mt report runs/multi30k-de-en                                          # -> runs/multi30k-de-en/report.md
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -142,6 +149,34 @@ def build_parser() -> argparse.ArgumentParser:
     average_parser.add_argument("--output",
                                 help="where to write the average (default: RUN_DIR/checkpoint_avg.pt)")
     common(average_parser)
+
+    plot_parser = sub.add_parser(
+        "plot", help="draw learning curves of one or more runs (needs the plot extra)",
+        description="Loss, perplexity, dev BLEU, learning rate and tokens/s against step and hours, one line per "
+                    "run and metric. Needs matplotlib: pip install -e \".[plot]\".",
+        epilog=EPILOG_SEE, formatter_class=fmt)
+    plot_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
+    plot_parser.add_argument("--output", required=True, help="the picture: .png, .svg or .pdf")
+    common(plot_parser)
+
+    attention_parser = sub.add_parser(
+        "attention", help="draw every layer's and head's attention for one sentence (needs the plot extra)",
+        description="Encoder self-attention, decoder self-attention and cross-attention of every layer and head, "
+                    "from the model's forward pass, for its own translation of --src or for --tgt.",
+        epilog=EPILOG_SEE, formatter_class=fmt)
+    attention_parser.add_argument("--checkpoint", required=True, help="a checkpoint written by mt train or mt average")
+    attention_parser.add_argument("--src", required=True, help="the source sentence")
+    attention_parser.add_argument("--tgt", help="the target sentence (default: the model's own translation)")
+    attention_parser.add_argument("--output", required=True, help="the picture: .png, .svg or .pdf")
+    _search_options(attention_parser)
+    common(attention_parser)
+
+    report_parser = sub.add_parser(
+        "report", help="write RUN_DIR/report.md: config, curves, dev and test scores, speed, hardware",
+        description="Write RUN_DIR/report.md and RUN_DIR/curves.png. Needs matplotlib: pip install -e \".[plot]\".",
+        epilog=EPILOG_SEE, formatter_class=fmt)
+    report_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory mt train wrote")
+    common(report_parser)
 
     export_parser = sub.add_parser(
         "export", help="write a checkpoint as a CTranslate2, Hugging Face (Marian) or ONNX model",
@@ -317,6 +352,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from mt.plot import learning_curves, pyplot, save_figure
+
+    pyplot()  # a missing extra fails before the runs are read
+    output = save_figure(learning_curves(args.run_dirs), args.output)
+    print(f"learning curves of {len(args.run_dirs)} run(s) -> {output}")
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from mt.plot import attention_figure, attention_inputs, pyplot, save_figure
+    from mt.translate import load_translator
+
+    pyplot()
+    translator = load_translator(args.checkpoint, args.overrides, _search_overrides(args), args.device)
+    src, tgt_in = attention_inputs(translator.model, translator.vocab, args.src, args.tgt, translator.decode)
+    figure, picture = attention_figure(translator.model, translator.vocab, src.to(translator.device),
+                                       tgt_in.to(translator.device))
+    output = save_figure(figure, args.output)
+    print(f"{' '.join(picture.source)} -> {' '.join(picture.target_out)}")
+    print(f"{len(picture.panels)} attention maps -> {output}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mt.plot import pyplot
+    from mt.report import write_report
+
+    pyplot()
+    print(f"report -> {write_report(args.run_dir, shlex.join(['mt', *args.argv]))}")
+    return 0
+
+
 def _search_overrides(args: argparse.Namespace) -> list[str]:
     pairs = {"beam_size": args.beam_size, "length_penalty": args.length_penalty, "method": args.method,
              "max_tokens": args.max_tokens, "nbest": getattr(args, "nbest", None), "precision": args.precision}
@@ -324,4 +392,5 @@ def _search_overrides(args: argparse.Namespace) -> list[str]:
 
 
 COMMANDS = {"train": cmd_train, "translate": cmd_translate, "score": cmd_score, "eval": cmd_eval,
-            "average": cmd_average, "export": cmd_export}
+            "average": cmd_average, "export": cmd_export, "plot": cmd_plot, "attention": cmd_attention,
+            "report": cmd_report}

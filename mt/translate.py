@@ -16,18 +16,20 @@ import itertools
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mt.checkpoint import load_for_inference
 from mt.config import DecodeConfig, apply_override, from_dict, to_dict, validate, Config
 from mt.data import BOS, EOS, PAD, Vocab, make_batches, pad_sentences
 from mt.errors import MTError
-from mt.io import atomic_open, read_lines
+from mt.io import atomic_open, open_text, read_lines
 from mt.model import Transformer, attention_maps
 from mt.fast import int8_linears
 from mt.runtime import decode_batch_tokens, native_bf16, resolve_precision
@@ -130,10 +132,12 @@ def search(model: Transformer | Ensemble, src: torch.Tensor, decode: DecodeConfi
 
 
 def translate_nbest(translator: Translator, lines: list[str], prefixes: list[str] | None = None,
-                    alignment: bool = False) -> list[list[Hypothesis]]:
+                    alignment: bool = False, on_batch: Callable[[int], object] | None = None
+                    ) -> list[list[Hypothesis]]:
     """Translate `lines`; for each, its n-best list, best first. prefixes: one target prefix per line ("" for
     none) that each translation starts with. alignment: also each hypothesis's word alignment and
-    cross-attention (`align`). An empty line gives one empty hypothesis without running the model."""
+    cross-attention (`align`). An empty line gives one empty hypothesis without running the model.
+    `on_batch` is told each batch's number of sentences once they are translated (for progress)."""
     results = [[Hypothesis("", 0.0, 0.0, [], "" if alignment else None)] for _ in lines]
     todo = [i for i, line in enumerate(lines) if line.strip()]
     if not todo:
@@ -158,6 +162,8 @@ def translate_nbest(translator: Translator, lines: list[str], prefixes: list[str
                 body = [x for x in hyp[:length] if x not in (PAD, EOS)]
                 hyps.append(Hypothesis(vocab.tgt.decode(body), score, score * penalty, body))
             results[todo[j]] = hyps
+        if on_batch is not None:
+            on_batch(len(batch))
     if alignment:
         for i in todo:
             align(translator, vocab.src.encode(lines[i]), results[i])
@@ -274,6 +280,11 @@ def translate_stream(translator: Translator, input: str = "-", output: str = "-"
     lines = read_lines(input)
     pairs = _with_prefixes(lines, input, prefix) if prefix else ((line, None) for line in lines)
     count = 0
+    # Progress: a bar on a terminal, else a log line per chunk; a file's length is known, so both give an ETA.
+    total = None if str(input) == "-" else _count_lines(input)
+    bar = tqdm(total=total, desc="translate", unit="line", dynamic_ncols=True, mininterval=1.0,
+               disable=True if buffer_lines == 1 or not log.isEnabledFor(logging.INFO) else None)
+    started = time.perf_counter()
 
     def blocks() -> Iterator[list[str]]:
         """The output lines of each chunk of input lines."""
@@ -282,12 +293,17 @@ def translate_stream(translator: Translator, input: str = "-", output: str = "-"
             sources = [line for line, _ in chunk]
             prefixes = [p for _, p in chunk] if prefix else None
             block = []
-            for k, hyps in enumerate(translate_nbest(translator, sources, prefixes, alignment)):
+            translated = translate_nbest(translator, sources, prefixes, alignment, on_batch=bar.update)
+            bar.update(sum(1 for line in sources if not line.strip()))  # empty lines: not searched
+            for k, hyps in enumerate(translated):
                 block.extend(format_hypotheses(count + k, sources[k], hyps, nbest, nbest_format, alignment))
             count += len(chunk)
-            if buffer_lines > 1:
-                log.info("translated %d lines", count)
+            if bar.disable and buffer_lines > 1:
+                rate = count / max(time.perf_counter() - started, 1e-9)
+                eta = f", ETA {tqdm.format_interval((total - count) / rate)}" if total else ""
+                log.info("translated %d%s lines, %.1f lines/s%s", count, f" of {total}" if total else "", rate, eta)
             yield block
+        bar.close()
 
     if output == "-":
         for block in blocks():
@@ -307,3 +323,9 @@ def _with_prefixes(lines: Iterable[str], input: str, prefix: str) -> Iterator[tu
             raise MTError(f"{prefix}: {'more' if line is None else 'fewer'} prefix lines than {input} has "
                           f"lines ({shorter} ends at line {number - 1})")
         yield line, p
+
+
+def _count_lines(path: str | Path) -> int:
+    """Lines in a plain or .gz text file, a last line without its newline included."""
+    with open_text(path) as f:
+        return sum(1 for _ in f)

@@ -273,3 +273,23 @@ def test_buffer_lines_1_answers_each_line_before_the_next_is_written(tiny_checkp
         proc.stdin.close()
         proc.wait(timeout=60)
     assert proc.returncode == 0
+
+
+def test_a_file_without_a_terminal_logs_lines_per_second_and_the_eta_per_chunk(tiny_checkpoint, tmp_path,
+                                                                               monkeypatch, caplog):
+    import io
+    import re
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar, a log line per chunk
+    monkeypatch.setattr(translate_module, "CHUNK_LINES", 10)
+    lines = (MULTI30K / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:25]
+    src = tmp_path / "in.de"
+    src.write_text("\n".join(lines[:5] + [""] + lines[5:]) + "\n", encoding="utf-8")  # 26 lines, one empty
+    batches = []
+    translator = load_translator(tiny_checkpoint, device="cpu")
+    assert len(translate_nbest(translator, lines[:5], on_batch=batches.append)) == 5 and sum(batches) == 5
+    with caplog.at_level("INFO", logger="mt.translate"):
+        assert translate_module.translate_stream(translator, str(src), str(tmp_path / "out.en")) == 26
+    progress = [m for m in caplog.messages if m.startswith("translated ")]
+    assert [m.split(",")[0] for m in progress] == [f"translated {n} of 26 lines" for n in (10, 20, 26)]
+    assert all(re.fullmatch(r"translated \d+ of 26 lines, [\d.]+ lines/s, ETA \d\d:\d\d", m) for m in progress)
