@@ -37,6 +37,11 @@ EPILOG_TRANSLATE = """examples:
   mt translate --checkpoint CKPT --input test.de --nbest 4 --nbest-format moses
 """
 
+EPILOG_SERVE = """examples:
+  mt serve --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --port 8080
+  curl -s localhost:8080/translate -d '{"text": ["Ein Hund rennt."], "nbest": 2, "alignment": true}'
+"""
+
 EPILOG_SCORE = """examples:
   mt score --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src corpus.de --tgt corpus.en > scores.tsv
 """
@@ -109,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="lines to read before translating them (default: 1 when stdin is a "
                                        "terminal, else 10000); 1 answers each line as it comes")
     common(translate_parser)
+
+    serve_parser = sub.add_parser(
+        "serve", help="an HTTP JSON translation service with a page to try it",
+        description="POST /translate, GET /health, GET / (a page). Requests are queued and translated together.",
+        epilog=EPILOG_SERVE, formatter_class=fmt)
+    serve_parser.add_argument("--checkpoint", required=True, nargs="+",
+                              help="a checkpoint written by mt train or mt average; several: an ensemble")
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve_parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve_parser.add_argument("--max-sentences", type=int, default=64, help="sentences per request (default 64)")
+    serve_parser.add_argument("--max-length", type=int, default=256,
+                              help="source tokens per sentence (default 256)")
+    _search_options(serve_parser)
+    common(serve_parser)
 
     score_parser = sub.add_parser(
         "score", help="the log-probability of each sentence pair under a checkpoint",
@@ -288,6 +307,19 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mt.serve.app import Limits, require_serve, serve
+    from mt.translate import load_translator
+
+    require_serve()  # before the model is loaded
+    if args.max_sentences < 1 or args.max_length < 1:
+        raise MTError("--max-sentences and --max-length must be at least 1")
+    translator = load_translator(args.checkpoint, args.overrides, _search_overrides(args), args.device)
+    name = " + ".join(Path(c).name for c in args.checkpoint)
+    serve(translator, args.host, args.port, Limits(args.max_sentences, args.max_length), name)
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from mt.score import load_scorer, score_file
 
@@ -391,6 +423,6 @@ def _search_overrides(args: argparse.Namespace) -> list[str]:
     return [f"decode.{k}={v}" for k, v in pairs.items() if v is not None]
 
 
-COMMANDS = {"train": cmd_train, "translate": cmd_translate, "score": cmd_score, "eval": cmd_eval,
+COMMANDS = {"train": cmd_train, "translate": cmd_translate, "serve": cmd_serve, "score": cmd_score, "eval": cmd_eval,
             "average": cmd_average, "export": cmd_export, "plot": cmd_plot, "attention": cmd_attention,
             "report": cmd_report}
