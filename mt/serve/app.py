@@ -12,6 +12,7 @@ with {"error": one line}; a failed search is a 500 with the same shape; the serv
 
 import asyncio
 import dataclasses
+import importlib
 import json
 import logging
 import queue
@@ -34,8 +35,8 @@ FIELDS = ("text", "beam_size", "nbest", "prefix", "alignment")
 def require_serve() -> None:
     """Stop with one line naming the `pip install` when FastAPI or uvicorn is missing."""
     try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
+        for module in ("fastapi", "uvicorn"):
+            importlib.import_module(module)
     except ImportError:
         raise MTError('mt serve needs fastapi and uvicorn: pip install -e ".[serve]"') from None
 
