@@ -537,7 +537,10 @@ class AttentionMaps:
 def attention_maps(model: Transformer, src: Tensor, tgt_in: Tensor) -> AttentionMaps:
     """Run `model.forward` (the code path training and scoring run; the incremental decoder computes the same
     probabilities) on src (B, S) and tgt_in (B, T) = BOS + target, keeping every attention module's
-    probabilities. Dropout is off for the pass; the model's mode is restored after it."""
+    probabilities. Dropout is off for the pass; the model's mode is restored after it. Encoder-decoder models
+    only: a decoder-only model's one stack has no encoder, decoder and cross-attention maps to give."""
+    if model.cfg.arch != "encoder_decoder":
+        raise MTError(f"attention maps are for encoder-decoder models, not for {model.cfg.arch}")
     modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
     training = model.training
     model.eval()
