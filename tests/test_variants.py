@@ -384,6 +384,33 @@ def test_decoder_only_greedy_equals_recomputing_the_whole_sequence_at_every_step
             assert out.scores[i, 0].item() == pytest.approx(total, abs=1e-4)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_is_rebuilt_from_its_checkpoint_spec_alone(variant, tmp_path):
+    from types import SimpleNamespace
+
+    from mt.checkpoint import model_spec, save_checkpoint
+
+    model = tiny(variant)
+    vocab = SimpleNamespace(src_size=V, tgt_size=V, joint=True)  # all of a vocabulary a model spec reads
+    save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "model_spec": model_spec(model.cfg, vocab)})
+    state = load_checkpoint(tmp_path / "c.pt")
+    rebuilt = build_model(state["model_spec"], fast=False).eval()
+    rebuilt.load_state_dict(state["model"])  # strict: the same keys
+    src, tgt = batch()
+    assert torch.equal(rebuilt(src, tgt), model(src, tgt))
+
+
+def test_a_checkpoint_from_before_the_variant_keys_loads_as_the_papers_model():
+    from mt.config import to_dict
+
+    model = tiny("rms_pre", norm="post")  # the paper's model
+    old_cfg = {k: v for k, v in to_dict(model.cfg).items() if k not in ("ffn", "swiglu_d_ff", "positions", "arch")}
+    spec = {"cfg": old_cfg, "src_vocab_size": V, "tgt_vocab_size": V, "pad_id": PAD, "share_all_embeddings": True}
+    rebuilt = build_model(spec, fast=False).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert isinstance(rebuilt, Transformer) and rebuilt.cfg == model.cfg
+
+
 # ---- parameter counts, export refusals
 
 
