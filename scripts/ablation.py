@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -89,7 +90,8 @@ def train_and_score(name: str, settings: dict, run_dir: Path, minutes: float, ar
     sets = [f"run_dir={run_dir}", f"train.max_time_minutes={minutes}",
             *(f"model.{k}={v}" for k, v in settings.items()), *args.set]
     mt = [sys.executable, "-m", "mt"]
-    run([*mt, "train", "--config", str(args.config), *(a for s in sets for a in ("--set", s))])
+    resume = ["--resume"] if (run_dir / "checkpoint_last.pt").is_file() else []  # an interrupted row goes on
+    run([*mt, "train", "--config", str(args.config), *resume, *(a for s in sets for a in ("--set", s))])
     cfg = load_config(args.config, sets)
     test = cfg.data.test
     for checkpoint in ("checkpoint_last.pt", "checkpoint_avg.pt"):
@@ -135,7 +137,8 @@ def table(rows: list[tuple[str, Path]]) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, run_dir in rows:
         f = row_figures(run_dir)
-        lines.append(f"| {label} | {f['layers']} | {f['parameters'] / 1e6:.2f}M | {f['tokens_per_s']:,.0f} | "
+        speed = "-" if math.isnan(f["tokens_per_s"]) else f"{f['tokens_per_s']:,.0f}"  # no log step reached
+        lines.append(f"| {label} | {f['layers']} | {f['parameters'] / 1e6:.2f}M | {speed} | "
                      f"{f['minutes']:g} | {f['steps']:,} | {bleu(f['last'])} | {bleu(f['avg'])} |")
     lines.append("")
     lines += [f"[{i}] sacreBLEU {s}" for i, s in enumerate(signatures, start=1)]
