@@ -94,6 +94,8 @@ def train_and_score(name: str, settings: dict, run_dir: Path, minutes: float, ar
     run([*mt, "train", "--config", str(args.config), *resume, *(a for s in sets for a in ("--set", s))])
     cfg = load_config(args.config, sets)
     test = cfg.data.test
+    if not test:
+        sys.exit(f"ablation: {args.config} names no data.test to score")
     for checkpoint in ("checkpoint_last.pt", "checkpoint_avg.pt"):
         run([*mt, "eval", "--checkpoint", str(run_dir / checkpoint), "--src", f"{test}.{cfg.data.src_lang}",
              "--ref", f"{test}.{cfg.data.tgt_lang}", "--output", str(run_dir / f"test.{checkpoint[:-3]}.hyp")])
@@ -103,15 +105,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def row_figures(run_dir: Path) -> dict:
+def row_figures(run_dir: Path, test: str) -> dict:
     """Parameters, tokens/s (the median of the log records, the first left out: it holds the warm-up), steps,
-    and the test BLEU of the last and the averaged checkpoint with their signatures."""
+    and the BLEU on `test` (the source file `mt eval` read) of the last and the averaged checkpoint with their
+    signatures."""
     state = load_checkpoint(run_dir / "checkpoint_last.pt")
     spec = state["model_spec"]
     cfg = from_dict(ModelConfig, spec["cfg"], str(run_dir))
     training = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "tokens_per_s" in r]
     speeds = [r["tokens_per_s"] for r in training[1:]] or [r["tokens_per_s"] for r in training]
-    scores = {r["checkpoint"]: r for r in read_jsonl(run_dir / "scores.jsonl")}  # the latest of each
+    scores = {r["checkpoint"]: r for r in read_jsonl(run_dir / "scores.jsonl")
+              if Path(r["test"]).resolve() == Path(ROOT, test).resolve()}  # the latest of each
     return {
         "parameters": count_parameters(cfg, spec["src_vocab_size"], spec["tgt_vocab_size"],
                                        spec["share_all_embeddings"]),
@@ -123,7 +127,7 @@ def row_figures(run_dir: Path) -> dict:
     }
 
 
-def table(rows: list[tuple[str, Path]]) -> str:
+def table(rows: list[tuple[str, Path]], test: str) -> str:
     signatures: list[str] = []
 
     def bleu(score: dict) -> str:
@@ -136,7 +140,7 @@ def table(rows: list[tuple[str, Path]]) -> str:
     lines = ["| row | layers | parameters | tokens/s | minutes | steps | BLEU last | BLEU averaged |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, run_dir in rows:
-        f = row_figures(run_dir)
+        f = row_figures(run_dir, test)
         speed = "-" if math.isnan(f["tokens_per_s"]) else f"{f['tokens_per_s']:,.0f}"  # no log step reached
         lines.append(f"| {label} | {f['layers']} | {f['parameters'] / 1e6:.2f}M | {speed} | "
                      f"{f['minutes']:g} | {f['steps']:,} | {bleu(f['last'])} | {bleu(f['avg'])} |")
@@ -166,6 +170,7 @@ def main() -> None:
         parser.error(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     cfg = load_config(args.config, args.set)
     settings = plan(names, cfg.model, cfg.data.vocab_size)
+    test = f"{cfg.data.test}.{cfg.data.src_lang}"  # what each row's `mt eval --src` reads
 
     def run_dir(name: str, minutes: float) -> Path:
         return args.runs / f"{name}-{minutes:g}min"
@@ -176,8 +181,8 @@ def main() -> None:
         for name in names:
             train_and_score(name, settings[name], run_dir(name, args.minutes), args.minutes, args, vocab_from)
             vocab_from = vocab_from or run_dir(name, args.minutes)
-    if not args.no_hour:
-        candidates = [(row_figures(run_dir(n, args.minutes))["avg"].get("bleu", -1.0), n) for n in names
+    if not args.no_hour and args.hour != args.minutes:  # (the same budget would be the same run directories)
+        candidates = [(row_figures(run_dir(n, args.minutes), test)["avg"].get("bleu", -1.0), n) for n in names
                       if n != "paper" and (run_dir(n, args.minutes) / "scores.jsonl").is_file()]
         best = max(candidates)[1] if candidates else None
         for name in ["paper"] + ([best] if best else []):
@@ -185,7 +190,7 @@ def main() -> None:
                 train_and_score(name, settings.get(name) or row_settings(name, cfg.model, cfg.data.vocab_size),
                                 run_dir(name, args.hour), args.hour, args, run_dir(names[0], args.minutes))
             rows.append((f"{ROWS[name][0]}, {args.hour:g} min", run_dir(name, args.hour)))
-    text = table([(label, d) for label, d in rows if (d / "checkpoint_last.pt").is_file()])
+    text = table([(label, d) for label, d in rows if (d / "checkpoint_last.pt").is_file()], test)
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / "table.md").write_text(text + "\n", encoding="utf-8")
     print(text)
