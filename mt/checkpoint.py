@@ -76,6 +76,9 @@ ARCHITECTURES = {"encoder_decoder": Transformer, "decoder_only": DecoderOnlyTran
 def build_model(spec: dict[str, Any], fast: bool = True) -> Transformer | DecoderOnlyTransformer:
     """The model `spec` describes, with mt.fast's kernels unless `fast` is False (the plain reference)."""
     cfg = from_dict(ModelConfig, spec["cfg"], "<checkpoint>")
+    if cfg.ffn == "swiglu" and cfg.swiglu_d_ff is None:
+        log.info("model.ffn swiglu: hidden width %d, 2/3 of d_ff %d rounded to a multiple of 8, for the parameters "
+                 "of the ReLU layer (model.swiglu_d_ff sets another)", cfg.ffn_width, cfg.d_ff)
     model = ARCHITECTURES[cfg.arch](cfg, spec["src_vocab_size"], spec["tgt_vocab_size"], pad_id=spec["pad_id"],
                                     share_all_embeddings=spec["share_all_embeddings"])
     return speed_up(model) if fast else model

@@ -268,6 +268,18 @@ def test_prefix_lm_mask_is_bidirectional_over_the_source_and_causal_over_the_tar
                 assert bool(mask[b, 0, i, j]) == expected, (b, i, j)
 
 
+def test_the_decoder_only_models_attention_follows_the_prefix_lm_mask():
+    model = tiny("decoder_only_all_three")
+    src, tgt = batch()
+    attention = model.layers[1].self_attn
+    attention.keep_probabilities = True  # as attention_maps does: the probabilities of the forward pass
+    model(src, tgt)
+    probabilities = attention.probabilities  # (B, H, S + T, S + T)
+    mask = prefix_lm_mask(src.eq(PAD), tgt.size(1)).expand_as(probabilities)
+    assert (probabilities[~mask] == 0).all() and (probabilities[mask] > 0).all()
+    assert_close(probabilities.sum(-1), torch.ones(probabilities.shape[:-1]))
+
+
 def test_a_changed_target_token_never_changes_the_source_representations():
     model = tiny("decoder_only_all_three")
     src, tgt = batch()
