@@ -43,6 +43,7 @@ VARIANTS = {
     "rope": dict(positions="rope"),
     "rope_post": dict(positions="rope", norm="post"),
     "all_three": dict(norm="rms_pre", ffn="swiglu", positions="rope"),
+    "gelu_learned_pre": dict(norm="pre", ffn="gelu", positions="learned"),
     "decoder_only": dict(arch="decoder_only"),
     "decoder_only_learned": dict(arch="decoder_only", positions="learned"),
     "decoder_only_all_three": dict(arch="decoder_only", norm="rms_pre", ffn="swiglu", positions="rope"),
@@ -445,7 +446,7 @@ def test_every_format_refuses_every_variant_in_one_phrase_naming_the_key(variant
 # ---- train, resume, average, translate: through the Trainer and the CLI
 
 
-@pytest.mark.parametrize("variant", ["all_three", "decoder_only_learned"])
+@pytest.mark.parametrize("variant", ["all_three", "gelu_learned_pre", "decoder_only_learned"])
 def test_a_variant_trains_resumes_exactly_averages_translates_and_is_refused_by_export(variant, tmp_path, capsys):
     from mt.cli import main
     from mt.data import prepare_data
