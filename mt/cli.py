@@ -31,6 +31,14 @@ EPILOG_TRAIN = """examples:
 EPILOG_TRANSLATE = """examples:
   mt translate --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --input test.de --output test.hyp.en
   cat test.de | mt translate --checkpoint runs/multi30k-de-en/checkpoint_best.pt --beam-size 5 > out.en
+  mt translate --checkpoint run1/checkpoint_avg.pt run2/checkpoint_avg.pt --input test.de   # an ensemble
+  mt translate --checkpoint CKPT --input test.de --prefix starts.en       # each output starts with its line
+  mt translate --checkpoint CKPT --input test.de --alignment              # 'text ||| 0-0 1-2 ...'
+  mt translate --checkpoint CKPT --input test.de --nbest 4 --nbest-format moses
+"""
+
+EPILOG_SCORE = """examples:
+  mt score --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src corpus.de --tgt corpus.en > scores.tsv
 """
 
 EPILOG_EXPORT = """examples:
@@ -44,6 +52,13 @@ EPILOG_EVAL = """examples:
   mt eval --hyp out.en --ref test.en
   mt eval --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src test.de --ref test.en
   mt eval --checkpoint runs/wmt14-en-de-base/checkpoint_avg.pt -t wmt14 -l en-de
+"""
+
+EPILOG_SEE = """examples:
+  mt plot runs/multi30k-de-en runs/multi30k-auto --output curves.png     # or curves.svg
+  mt attention --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src "Ein Hund rennt." --output att.png
+  mt attention --checkpoint runs/multi30k-de-en/checkpoint_avg.pt --src "Ein Hund rennt." --tgt "A dog runs." --output att.png
+  mt report runs/multi30k-de-en                                          # -> runs/multi30k-de-en/report.md
 """
 
 
@@ -75,15 +90,38 @@ def build_parser() -> argparse.ArgumentParser:
         "translate", help="translate a file or stdin with a trained checkpoint",
         description="Translate one sentence per line; output keeps input order and line count.",
         epilog=EPILOG_TRANSLATE, formatter_class=fmt)
-    translate_parser.add_argument("--checkpoint", required=True,
-                                  help="a checkpoint written by mt train or mt average")
+    translate_parser.add_argument("--checkpoint", required=True, nargs="+",
+                                  help="a checkpoint written by mt train or mt average; several: an ensemble")
     translate_parser.add_argument("--input", default="-",
                                   help="source text, one sentence per line (default: stdin)")
     translate_parser.add_argument("--output", default="-", help="where to write translations (default: stdout)")
     _search_options(translate_parser)
     translate_parser.add_argument("--nbest", type=int,
                                   help="write the N best hypotheses per line as 'line ||| text ||| score'")
+    translate_parser.add_argument("--nbest-format", choices=("plain", "moses", "json"), default="plain",
+                                  help="moses: 'line ||| text ||| logprob= L length= N ||| score'; json: one "
+                                       "object per input line (default: plain)")
+    translate_parser.add_argument("--prefix", help="a file of target prefixes, one per input line (may be "
+                                                   "empty): each translation starts with its prefix")
+    translate_parser.add_argument("--alignment", action="store_true",
+                                  help="add word alignments, ' ||| 0-0 1-2 ...' (source-target word indices)")
+    translate_parser.add_argument("--buffer-lines", type=int,
+                                  help="lines to read before translating them (default: 1 when stdin is a "
+                                       "terminal, else 10000); 1 answers each line as it comes")
     common(translate_parser)
+
+    score_parser = sub.add_parser(
+        "score", help="the log-probability of each sentence pair under a checkpoint",
+        description="One line per pair, in order: the total log-probability of the target (EOS included) "
+                    "given the source, a tab, and the same per target token.",
+        epilog=EPILOG_SCORE, formatter_class=fmt)
+    score_parser.add_argument("--checkpoint", required=True, help="a checkpoint written by mt train or mt average")
+    score_parser.add_argument("--src", required=True, help="source sentences, one per line")
+    score_parser.add_argument("--tgt", required=True, help="target sentences, as many lines")
+    score_parser.add_argument("--output", default="-", help="where to write the scores (default: stdout)")
+    score_parser.add_argument("--max-tokens", type=int, help="tokens per batch (default: decode.max_tokens)")
+    score_parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    common(score_parser)
 
     eval_parser = sub.add_parser(
         "eval", help="score translations with sacreBLEU (BLEU and chrF)",
@@ -91,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_EVAL, formatter_class=fmt)
     eval_parser.add_argument("--hyp", help="hypothesis file to score")
     eval_parser.add_argument("--ref", nargs="+", help="reference file(s)")
-    eval_parser.add_argument("--checkpoint", help="translate --src (or the -t test set) with this checkpoint first")
+    eval_parser.add_argument("--checkpoint", nargs="+",
+                             help="translate --src (or the -t test set) with this checkpoint first (several: "
+                                  "an ensemble)")
     eval_parser.add_argument("--src", help="source file to translate (with --checkpoint)")
     eval_parser.add_argument("-t", "--test-set",
                              help="a sacreBLEU test set by name, e.g. wmt14 (with --checkpoint)")
@@ -109,6 +149,34 @@ def build_parser() -> argparse.ArgumentParser:
     average_parser.add_argument("--output",
                                 help="where to write the average (default: RUN_DIR/checkpoint_avg.pt)")
     common(average_parser)
+
+    plot_parser = sub.add_parser(
+        "plot", help="draw learning curves of one or more runs (needs the plot extra)",
+        description="Loss, perplexity, dev BLEU, learning rate and tokens/s against step and hours, one line per "
+                    "run and metric. Needs matplotlib: pip install -e \".[plot]\".",
+        epilog=EPILOG_SEE, formatter_class=fmt)
+    plot_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
+    plot_parser.add_argument("--output", required=True, help="the picture: .png, .svg or .pdf")
+    common(plot_parser)
+
+    attention_parser = sub.add_parser(
+        "attention", help="draw every layer's and head's attention for one sentence (needs the plot extra)",
+        description="Encoder self-attention, decoder self-attention and cross-attention of every layer and head, "
+                    "from the model's forward pass, for its own translation of --src or for --tgt.",
+        epilog=EPILOG_SEE, formatter_class=fmt)
+    attention_parser.add_argument("--checkpoint", required=True, help="a checkpoint written by mt train or mt average")
+    attention_parser.add_argument("--src", required=True, help="the source sentence")
+    attention_parser.add_argument("--tgt", help="the target sentence (default: the model's own translation)")
+    attention_parser.add_argument("--output", required=True, help="the picture: .png, .svg or .pdf")
+    _search_options(attention_parser)
+    common(attention_parser)
+
+    report_parser = sub.add_parser(
+        "report", help="write RUN_DIR/report.md: config, curves, dev and test scores, speed, hardware",
+        description="Write RUN_DIR/report.md and RUN_DIR/curves.png. Needs matplotlib: pip install -e \".[plot]\".",
+        epilog=EPILOG_SEE, formatter_class=fmt)
+    report_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory mt train wrote")
+    common(report_parser)
 
     export_parser = sub.add_parser(
         "export", help="write a checkpoint as a CTranslate2, Hugging Face (Marian) or ONNX model",
@@ -212,8 +280,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_translate(args: argparse.Namespace) -> int:
     from mt.translate import load_translator, translate_stream
 
+    if args.nbest is not None and args.nbest < 1:
+        raise MTError(f"--nbest must be at least 1, got {args.nbest}")
     translator = load_translator(args.checkpoint, args.overrides, _search_overrides(args), args.device)
-    translate_stream(translator, args.input, args.output, nbest=args.nbest)
+    translate_stream(translator, args.input, args.output, nbest=args.nbest, nbest_format=args.nbest_format,
+                     alignment=args.alignment, prefix=args.prefix, buffer_lines=args.buffer_lines)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from mt.score import load_scorer, score_file
+
+    scorer = load_scorer(args.checkpoint, args.device, args.max_tokens)
+    score_file(scorer, args.src, args.tgt, args.output)
     return 0
 
 
@@ -244,7 +323,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(line)
     if args.checkpoint is not None:
         test = f"{args.test_set} {args.language_pair}" if args.test_set else args.src
-        record_scores(Path(args.checkpoint), test, scores, translator.decode)
+        record_scores([Path(c) for c in args.checkpoint], test, scores, translator.decode)
     return 0
 
 
@@ -273,11 +352,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from mt.plot import learning_curves, pyplot, save_figure
+
+    pyplot()  # a missing extra fails before the runs are read
+    output = save_figure(learning_curves(args.run_dirs), args.output)
+    print(f"learning curves of {len(args.run_dirs)} run(s) -> {output}")
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from mt.plot import attention_figure, attention_inputs, pyplot, save_figure
+    from mt.translate import load_translator
+
+    pyplot()
+    translator = load_translator(args.checkpoint, args.overrides, _search_overrides(args), args.device)
+    src, tgt_in = attention_inputs(translator.model, translator.vocab, args.src, args.tgt, translator.decode)
+    figure, picture = attention_figure(translator.model, translator.vocab, src.to(translator.device),
+                                       tgt_in.to(translator.device))
+    output = save_figure(figure, args.output)
+    print(f"{' '.join(picture.source)} -> {' '.join(picture.target_out)}")
+    print(f"{len(picture.panels)} attention maps -> {output}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mt.plot import pyplot
+    from mt.report import write_report
+
+    pyplot()
+    print(f"report -> {write_report(args.run_dir, shlex.join(['mt', *args.argv]))}")
+    return 0
+
+
 def _search_overrides(args: argparse.Namespace) -> list[str]:
     pairs = {"beam_size": args.beam_size, "length_penalty": args.length_penalty, "method": args.method,
              "max_tokens": args.max_tokens, "nbest": getattr(args, "nbest", None), "precision": args.precision}
     return [f"decode.{k}={v}" for k, v in pairs.items() if v is not None]
 
 
-COMMANDS = {"train": cmd_train, "translate": cmd_translate, "eval": cmd_eval, "average": cmd_average,
-            "export": cmd_export}
+COMMANDS = {"train": cmd_train, "translate": cmd_translate, "score": cmd_score, "eval": cmd_eval,
+            "average": cmd_average, "export": cmd_export, "plot": cmd_plot, "attention": cmd_attention,
+            "report": cmd_report}

@@ -136,6 +136,7 @@ class TrainConfig:
     nonfinite_limit: int = 10
     compile: bool = False
     num_threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
+    log_to: list[str] = field(default_factory=list)  # also mirror metrics.jsonl to: tensorboard (RUN_DIR/tensorboard)
 
 
 @dataclass
@@ -180,6 +181,8 @@ CHOICES = {
     ("decode", "method"): ("beam", "greedy", "sample"),
     ("decode", "precision"): ("fp32", "bf16", "int8", "auto"),
 }
+
+LOG_SINKS = ("tensorboard",)  # train.log_to: where metrics.jsonl's records are also written
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -294,6 +297,10 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(inner, value, where, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise MTError(f"{where}: {key} must be a list, e.g. [{value}], got {_show(value)}")
+        return [_convert(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise MTError(f"{where}: {key} must be a list of {len(args)} values, got {_show(value)}")
@@ -418,6 +425,9 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     if train.average_last > train.keep_checkpoints:
         raise bad("train.average_last", f"({train.average_last}) cannot exceed train.keep_checkpoints "
                   f"({train.keep_checkpoints}): only that many checkpoints are kept to average")
+    for i, sink in enumerate(train.log_to):
+        if sink not in LOG_SINKS:
+            raise bad(f"train.log_to[{i}]", f"must be one of {', '.join(LOG_SINKS)}, got '{sink}'")
     if not cfg.run_dir:
         raise bad("run_dir", "must not be empty")
 

@@ -68,15 +68,18 @@ def score(hyps: list[str], refs: list[str] | list[list[str]], trg_lang: str = ""
                   bleu_score.format(), chrf_score.format())
 
 
-def record_scores(checkpoint: Path, test: str, scores: Scores, decode) -> None:
-    """Append the scores of `checkpoint` on `test` to scores.jsonl beside it (its run directory), where model
-    cards (`mt export`) find them; a directory mt cannot write to is only a warning."""
+def record_scores(checkpoints: list[Path], test: str, scores: Scores, decode) -> None:
+    """Append the scores of `checkpoints` (one, or an ensemble's) on `test` to scores.jsonl beside the first
+    (its run directory), where model cards (`mt export`) find them; a directory mt cannot write to is only a
+    warning."""
     from mt.metrics import append_record  # (imports torch, which scoring a file does not need)
 
     search = ("greedy" if decode.method == "greedy" else
               f"beam {decode.beam_size}, length penalty {decode.length_penalty}" if decode.method == "beam" else
               decode.method)
-    record = {"checkpoint": checkpoint.name, "test": test, "search": search, "precision": decode.precision,
+    checkpoint = checkpoints[0]
+    name = checkpoint.name if len(checkpoints) == 1 else " + ".join(str(c) for c in checkpoints)
+    record = {"checkpoint": name, "test": test, "search": search, "precision": decode.precision,
               "bleu": scores.bleu, "chrf": scores.chrf, "bleu_signature": scores.bleu_signature,
               "chrf_signature": scores.chrf_signature}
     try:

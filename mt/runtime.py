@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import signal
 import sys
 import threading
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -60,6 +62,41 @@ def decode_batch_tokens(max_tokens: int, device: torch.device) -> int:
     if max_tokens:
         return max_tokens
     return 2048 if device.type == "cpu" else 8192
+
+
+def describe_hardware(device: torch.device, world: int = 1) -> dict:
+    """What a run trained on, for its report: the device's name, the CPU threads, torch, the processes."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:  # Linux names the CPU model here; platform.processor() is often just "x86_64"
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return {"device": str(device), "name": name, "threads": torch.get_num_threads(), "processes": world,
+            "torch": torch.__version__}
+
+
+def matmul_peak(precision: str, device: torch.device, reps: int = 3) -> float:
+    """Measured FLOP/s of a square matmul in the training precision: what an MFU estimate is taken against.
+    Its own generator, so the training's random stream stays that of a run without it."""
+    n = 1024 if device.type == "cpu" else 8192
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    generator = torch.Generator(device).manual_seed(0)
+    a, b = (torch.rand(n, n, generator=generator, device=device).to(dtype) for _ in range(2))
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n ** 3 / best
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -6,7 +6,8 @@ A search talks to the model through three calls only (duck typing, so tests driv
     logits = model.decode_step(tokens, state)                one position for every row, caches updated in place
     state = state.select(index, sentences)                   reorder / prune rows (sentences: see DecoderState)
 
-Sentences and beams are rows of one batch; the one Python loop is over time steps.
+Sentences and beams are rows of one batch; the one Python loop is over time steps. `Ensemble` makes several
+models one model of the same three calls.
 
 Conventions shared by all searches:
 
@@ -17,6 +18,9 @@ Conventions shared by all searches:
   A forced EOS keeps the model's own log-probability, so a score is always log P(Y | X) (length-normalised
   for beam search).
 - PAD is never produced: the model is never trained to predict it, and the output is padded with it.
+- A prefix (batch, prefix_len), padded with pad, forces each sentence's first output tokens: every other token
+  is ruled out while it lasts, and the forced tokens' log-probabilities count in the score. The limit is
+  raised to fit the prefix and its EOS.
 - Host synchronisation: one small read (how many sentences/rows are done) every `sync_every` steps, which is
   what lets the search stop early and drop finished sentences from the batch. On a CPU it costs nothing and
   happens every step; on a GPU (default every 8 steps) it would otherwise stall the host's run-ahead at every
@@ -117,6 +121,25 @@ def _constrain_(lprobs: Tensor, length: int, limit: Tensor, *, eos: int, pad: in
     return lprobs
 
 
+def _force_(lprobs: Tensor, forced: Tensor, pad: int) -> Tensor:
+    """lprobs (rows, vocab); forced (rows,) long, the token each row must take, pad where it is free ->
+    lprobs, modified in place: a forced row keeps its forced token's log-probability and -inf elsewhere."""
+    free = forced.eq(pad).unsqueeze(1)
+    index = forced.unsqueeze(1)
+    forced_lp = lprobs.gather(1, index)
+    lprobs.masked_fill_(~free, -torch.inf)
+    lprobs.scatter_(1, index, torch.where(free, lprobs.gather(1, index), forced_lp))
+    return lprobs
+
+
+def _limits(src: Tensor, prefix: Tensor | None, pad: int, max_len_a: float, max_len_b: int) -> Tensor:
+    """`max_lengths`, raised where a prefix needs more: its tokens and an EOS. -> (batch,) long."""
+    limit = max_lengths(src, pad, max_len_a, max_len_b)
+    if prefix is None:
+        return limit
+    return torch.maximum(limit, prefix.ne(pad).sum(1) + 1)
+
+
 def _limit_range(limit: Tensor) -> tuple[int, int]:
     """limit (B,) -> (its min, its max) as ints, in one host read; (0, 0) for an empty batch."""
     if not limit.numel():
@@ -167,16 +190,47 @@ def _rows_where(mask: Tensor, count: int) -> Tensor:
     return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
 
 
+# ---- ensembles
+
+
+@dataclass
+class EnsembleState:
+    """The decoder states of an ensemble's models, one per model, selected together."""
+
+    states: list
+
+    def select(self, index: Tensor, sentences: Tensor | None = None) -> "EnsembleState":
+        return EnsembleState([state.select(index, sentences) for state in self.states])
+
+
+class Ensemble:
+    """Several models that decode as one, through the same three calls as a single model. Each step's
+    log-probabilities are the mean of the models' (a log-linear combination, as Marian's ensembles are);
+    the search renormalises them. The models must share the target vocabulary."""
+
+    def __init__(self, models: list):
+        self.models = models
+
+    def start_decoding(self, src: Tensor, max_len: int | None = None, beam_size: int = 1) -> EnsembleState:
+        return EnsembleState([m.start_decoding(src, max_len, beam_size) for m in self.models])
+
+    def decode_step(self, tokens: Tensor, state: EnsembleState) -> Tensor:
+        """tokens (B,) -> (B, V) float32, the mean of the models' log-probabilities."""
+        lprobs = [F.log_softmax(m.decode_step(tokens, s).float(), dim=-1) for m, s in zip(self.models, state.states)]
+        return torch.stack(lprobs).mean(0)
+
+
 # ---- greedy search and sampling
 
 
 def _one_token_at_a_time(model, src: Tensor, choose, *, bos: int, eos: int, pad: int, max_len_a: float,
-                         max_len_b: int, min_len: int, sync_every: int | None) -> SearchOutput:
+                         max_len_b: int, min_len: int, sync_every: int | None,
+                         prefix: Tensor | None) -> SearchOutput:
     """The loop shared by greedy search and sampling. choose(lprobs (rows, vocab)) -> tokens (rows,).
     Rows that emitted EOS leave the batch (`state.select`) at the next host read; the loop ends when none is
     left."""
     B, device = src.size(0), src.device
-    limit = max_lengths(src, pad, max_len_a, max_len_b)  # (B,)
+    limit = _limits(src, prefix, pad, max_len_a, max_len_b)  # (B,)
     shortest, steps = _limit_range(limit)  # one read before the loop; steps: the buffers' width
     state = model.start_decoding(src, steps)
     tokens = torch.full((B, steps), pad, dtype=torch.long, device=device)
@@ -191,6 +245,8 @@ def _one_token_at_a_time(model, src: Tensor, choose, *, bos: int, eos: int, pad:
         logits = model.decode_step(prev, state)
         lprobs = _constrain_(F.log_softmax(logits.float(), dim=-1), t + 1, row_limit, eos=eos, pad=pad,
                              min_len=min_len, shortest_limit=shortest)
+        if prefix is not None and t < prefix.size(1):
+            lprobs = _force_(lprobs, prefix[rows, t], pad)
         # Forced even where the model gives EOS probability zero, so that every output ends in EOS. A row that
         # has ended (still in the batch until the next read) emits only padding, scored 0.
         token = choose(lprobs).masked_fill(t + 1 >= row_limit, eos).masked_fill(~live, pad)
@@ -212,17 +268,20 @@ def _one_token_at_a_time(model, src: Tensor, choose, *, bos: int, eos: int, pad:
 
 @torch.inference_mode()
 def greedy_search(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float = 1.0,
-                  max_len_b: int = 50, min_len: int = 0, sync_every: int | None = None) -> SearchOutput:
-    """The most likely token at every step. src (batch, src_len) long, padded with pad -> SearchOutput with
-    nbest = 1, scored by the sum of log-probs."""
+                  max_len_b: int = 50, min_len: int = 0, sync_every: int | None = None,
+                  prefix: Tensor | None = None) -> SearchOutput:
+    """The most likely token at every step. src (batch, src_len) long, padded with pad; prefix (batch,
+    prefix_len) or None -> SearchOutput with nbest = 1, scored by the sum of log-probs."""
     return _one_token_at_a_time(model, src, lambda lprobs: lprobs.argmax(-1), bos=bos, eos=eos, pad=pad,
-                                max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len, sync_every=sync_every)
+                                max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len, sync_every=sync_every,
+                                prefix=prefix)
 
 
 @torch.inference_mode()
 def sample(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float = 1.0, max_len_b: int = 50,
            min_len: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, sync_every: int | None = None) -> SearchOutput:
+           generator: torch.Generator | None = None, sync_every: int | None = None,
+           prefix: Tensor | None = None) -> SearchOutput:
     """Ancestral sampling from softmax(log p / temperature), restricted to the top k tokens and the top-p
     nucleus (for back-translation, Edunov et al., 2018). src (batch, src_len) -> SearchOutput with nbest = 1,
     scored by the sum of the model's untempered, unfiltered log-probs of the sampled tokens. `generator`, on
@@ -236,7 +295,7 @@ def sample(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float
         return sample_categorical(top_k_top_p_filter(lprobs / temperature, top_k, top_p), generator)
 
     return _one_token_at_a_time(model, src, choose, bos=bos, eos=eos, pad=pad, max_len_a=max_len_a,
-                                max_len_b=max_len_b, min_len=min_len, sync_every=sync_every)
+                                max_len_b=max_len_b, min_len=min_len, sync_every=sync_every, prefix=prefix)
 
 
 # ---- beam search
@@ -245,7 +304,8 @@ def sample(model, src: Tensor, *, bos: int, eos: int, pad: int, max_len_a: float
 @torch.inference_mode()
 def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: int = 4,
                 alpha: float = 0.6, nbest: int = 1, max_len_a: float = 1.0, max_len_b: int = 50,
-                min_len: int = 0, sync_every: int | None = None, early_stop: bool = False) -> SearchOutput:
+                min_len: int = 0, sync_every: int | None = None, early_stop: bool = False,
+                prefix: Tensor | None = None) -> SearchOutput:
     """Beam search (Section 6.1: beam 4, alpha 0.6) over all sentences and beams at once.
     src (batch, src_len) long, padded with pad -> SearchOutput with `nbest` (<= beam_size) hypotheses each.
 
@@ -271,7 +331,7 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
         raise ValueError(f"need 1 <= nbest <= beam_size, got nbest={nbest}, beam_size={beam_size}")
     K = beam_size
     B, device = src.size(0), src.device
-    limit = max_lengths(src, pad, max_len_a, max_len_b)  # (B,)
+    limit = _limits(src, prefix, pad, max_len_a, max_len_b)  # (B,)
     shortest, steps = _limit_range(limit)  # one read before the loop; steps: the buffers' width
     lp = length_penalty(torch.arange(steps + 2, device=device), alpha)  # (steps + 2,) lp of each length
     lp_limit = lp[limit]  # (B,)
@@ -298,6 +358,8 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
         V = logits.size(-1)
         lprobs = _constrain_(F.log_softmax(logits.float(), dim=-1), t + 1, row_limit.repeat_interleave(K),
                              eos=eos, pad=pad, min_len=min_len, shortest_limit=shortest)
+        if prefix is not None and t < prefix.size(1):
+            lprobs = _force_(lprobs, prefix[sent, t].repeat_interleave(K), pad)
         cand = lprobs.view(n, K, V).add_(live_scores.unsqueeze(2)).view(n, K * V)  # in place, as above
         cand_scores, cand_index = _top_k(cand, min(2 * K, K * V))  # (n, C), best first
         C = cand_scores.size(1)

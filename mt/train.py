@@ -32,10 +32,11 @@ from mt.config import Config, to_dict
 from mt.data import Batch, PreparedData, iterate_batches
 from mt.errors import MTError
 from mt.loss import label_smoothed_loss
-from mt.metrics import Clock, Meter, NonFinite, append_record
+from mt.metrics import Clock, Meter, NonFinite, append_record, mirror_record, tensorboard_writer
 from mt.optim import learning_rate, make_optimizer
-from mt.runtime import (agree, autocast, from_rank0, gather, init_distributed, max_over_ranks, preemption_signals,
-                        resolve_device, resolve_precision, rng_state, set_rng_state, sum_over_ranks)
+from mt.runtime import (agree, autocast, describe_hardware, from_rank0, gather, init_distributed, matmul_peak,
+                        max_over_ranks, preemption_signals, resolve_device, resolve_precision, rng_state,
+                        set_rng_state, sum_over_ranks)
 from mt.validation import validate
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,9 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             self._resume()
+        # Same directory on resume: TensorBoard reads its event files as one run, from purge_step on the new one's.
+        self.board = (tensorboard_writer(self.run_dir / "tensorboard", purge_step=self.progress.step + 1)
+                      if self.main and "tensorboard" in self.options.log_to else None)
         log.info("model: %.1fM parameters on %s, %s%s", self.model.num_parameters() / 1e6, self.device,
                  self.precision + (" (auto)" if self.options.precision == "auto" else ""),
                  f", {self.world} processes" if self.world > 1 else "")
@@ -286,12 +290,16 @@ class Trainer:
         by logging, the budgets' check, validation and saving, each when it is due."""
         options, progress = self.options, self.progress
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:  # before the clock starts: the peak's matmuls are not training time
+            self.log_metrics({"step": progress.step, **self.hardware_record()})
         self.start_time, self.start_elapsed = time.time(), progress.elapsed
         meter = Meter(torch.zeros((), device=self.device), torch.zeros((), device=self.device))
         last_valid: dict = {}
         micro_batches = self.micro_batches()
-        bar = tqdm(total=self.step_limit(), initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=None if self.main else True, mininterval=1.0)
+        # A bar on a terminal (tqdm's None: only on a TTY); elsewhere, or with --quiet, a log line per log_every.
+        bar = tqdm(total=self.expected_last_step(), initial=progress.step, desc="train", unit="step",
+                   dynamic_ncols=True, disable=None if self.main and log.isEnabledFor(logging.INFO) else True,
+                   mininterval=1.0)
         stop = self.budget_spent()
         with preemption_signals(self.note_signal):
             while not stop:
@@ -314,7 +322,7 @@ class Trainer:
                     if progress.step % options.log_every == 0:
                         self.log_training(meter, bar)
                     stop = self.budget_spent() or self.preempted()
-                    bar.total = self.step_limit()  # a time budget's steps, once known
+                    bar.total = self.expected_last_step()
                 best, stop = self.validate_if_due(stop, last_valid)
                 if stop.startswith("preempted"):
                     self.save(last_only=True)
@@ -342,8 +350,11 @@ class Trainer:
         bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.1f}", lr=f"{record['lr']:.2e}",
                         tok_s=f"{record['tokens_per_s']:.0f}")
         if bar.disable and self.main:  # a log file or a batch job: a line per log step instead
-            log.info("step %d: loss %.3f, ppl %.1f, lr %.2e, %.0f tokens/s", progress.step, record["loss"],
-                     record["ppl"], record["lr"], record["tokens_per_s"])
+            last = self.expected_last_step()
+            eta = (last - progress.step) * self.clock.seconds_per_step(self.options.validate_every,
+                                                                       self.options.save_every)
+            log.info("step %d/%d: loss %.3f, ppl %.1f, lr %.2e, %.0f tokens/s, ETA %s", progress.step, last,
+                     record["loss"], record["ppl"], record["lr"], record["tokens_per_s"], tqdm.format_interval(eta))
         self.log_metrics(record)
         meter.reset()
         self.nonfinite.since_log.zero_()
@@ -356,6 +367,26 @@ class Trainer:
     def log_metrics(self, record: dict) -> None:
         if self.main:
             append_record(self.metrics_path, record)
+            if self.board is not None:
+                mirror_record(self.board, record)
+
+    def hardware_record(self) -> dict:
+        """What this process trains on, and the figures an MFU estimate needs: the model's training FLOPs per
+        target token at the corpus's mean lengths (EOS and BOS included) and a matmul peak measured here."""
+        train = self.data.train
+        flops = self.model.flops_per_token(float(train.src_lens.mean()) + 1, float(train.tgt_lens.mean()) + 1)
+        return {"hardware": describe_hardware(self.device, self.world), "precision": self.precision,
+                "flops_per_token": flops, "peak_flops": matmul_peak(self.precision, self.device)}
+
+    def expected_last_step(self) -> int:
+        """The step the run should end at: `step_limit`, or while a time budget is not yet a step budget, the
+        steps that fit in the time left at this process's speed so far (for the bar and the ETA)."""
+        options, progress = self.options, self.progress
+        if not options.max_time_minutes or progress.step_budget is not None or not self.clock.steps:
+            return self.step_limit()
+        left = options.max_time_minutes * 60 - progress.elapsed
+        return min(options.max_steps, self.clock.steps_that_fit(progress.step, left, options.validate_every,
+                                                                options.save_every))
 
     def budget_spent(self) -> str:
         """The stop reason once max_steps or the time budget is spent, else "".
@@ -421,7 +452,7 @@ class Trainer:
             last_valid.clear()
             last_valid.update(validate(self.model, self.data, self.cfg, self.precision, self.device))
             best = self._improved(last_valid)
-            self.log_metrics({"step": progress.step, **last_valid})
+            self.log_metrics({"step": progress.step, **last_valid, "elapsed_s": progress.elapsed})
             log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.3f}" for k, v in last_valid.items()))
         self.clock.validation(time.time() - started)
         if agree(bool(options.patience) and progress.bad_validations >= options.patience):
@@ -444,6 +475,8 @@ class Trainer:
             averaged = self.run_dir / "checkpoint_avg.pt"
             average_checkpoints(paths, averaged)
             log.info("averaged %d checkpoints -> %s", len(paths), averaged)
+        if self.board is not None:
+            self.board.close()
         return TrainResult(self.run_dir, self.progress, stop, dict(last_valid), averaged, preempted)
 
 def _last_step(run_dir: Path) -> int | None:

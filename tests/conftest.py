@@ -43,6 +43,41 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return tmp / "run" / "checkpoint_avg.pt"
 
 
+COPY_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+              "tau").split()
+
+
+def write_copy_task(prefix: Path, n: int, seed: int) -> Path:
+    """PREFIX.src and PREFIX.tgt: n sentences of 3-8 words, each its own translation."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(COPY_WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
+    for side in ("src", "tgt"):
+        Path(f"{prefix}.{side}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def copy_checkpoint(tmp_path_factory) -> Path:
+    """A small word-level model trained to copy its input (about 15 s on 2 idle cores): its attention is
+    known, each target word over the same source word."""
+    from mt.cli import main
+
+    tmp = tmp_path_factory.mktemp("copy-run")
+    train, valid = write_copy_task(tmp / "train", 4000, seed=1), write_copy_task(tmp / "valid", 50, seed=2)
+    overrides = [f"run_dir={tmp / 'run'}", "data.src_lang=src", "data.tgt_lang=tgt", f"data.train={train}",
+                 f"data.valid={valid}", "data.spm_model_type=word", "data.vocab_size=30", "data.max_tokens=2048",
+                 "model.d_model=64", "model.n_heads=4", "model.n_layers=2", "model.d_ff=256", "model.dropout=0.0",
+                 "train.max_steps=300", "train.warmup_steps=50", "train.peak_lr=3e-3", "train.validate_every=300",
+                 "train.save_every=300"]
+    args = ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--quiet"]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 0
+    return tmp / "run" / "checkpoint_last.pt"
+
+
 @dataclass
 class Network:
     attempts: list[str]  # every try at a connection or a name lookup, each refused

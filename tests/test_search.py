@@ -534,3 +534,78 @@ def test_early_stop_ends_at_the_first_best_eos_where_exact_search_goes_on():
     kw = dict(**IDS, beam_size=2, alpha=3.0, max_len_a=0.0, max_len_b=6)
     assert hyp(beam_search(StubModel(table), src_of([1]), **kw), 0) == [B, A, A, EOS]
     assert hyp(beam_search(StubModel(table), src_of([1]), early_stop=True, **kw), 0) == [EOS]
+
+
+# ---- prefixes and ensembles
+
+
+def beam3(*args, **kwargs):
+    return beam_search(*args, beam_size=3, **kwargs)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_prefix_beam_search_matches_exhaustive_search_over_outputs_that_start_with_it(alpha):
+    max_len = 4
+    stub = StubModel(random_table(seed=5))
+    prefixes = [[B], [A, A], []]  # per sentence; the empty one is free
+    prefix = torch.full((3, 2), PAD)
+    for i, p in enumerate(prefixes):
+        prefix[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    out = beam_search(stub, src_of([2, 2, 2]), **IDS, beam_size=128, alpha=alpha, nbest=3,
+                      max_len_a=0.0, max_len_b=max_len, prefix=prefix)
+    for s, p in enumerate(prefixes):
+        expected = [(score, y) for score, y in brute_force(stub, s, max_len, alpha) if y[:len(p)] == p][:3]
+        assert [hyp(out, s, k) for k in range(3)] == [y for _, y in expected]
+        torch.testing.assert_close(out.scores[s], torch.tensor([sc for sc, _ in expected]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("search", ["greedy", "sample"])
+def test_prefix_starts_greedy_and_sampled_outputs_and_counts_in_their_score(search):
+    stub = StubModel(hand_table(GREEDY_TRAP))
+    prefix = torch.tensor([[B, PAD], [A, B]])
+    run = greedy_search if search == "greedy" else sample
+    out = run(stub, src_of([2, 2]), **IDS, max_len_a=0.0, max_len_b=4, prefix=prefix)
+    assert hyp(out, 0)[:1] == [B] and hyp(out, 1)[:2] == [A, B]
+    for s in range(2):
+        torch.testing.assert_close(out.scores[s, 0].double(), torch.tensor(stub.logprob(s, hyp(out, s)), dtype=torch.float64),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_a_prefix_longer_than_the_limit_raises_the_limit_to_fit_it_and_eos():
+    stub = StubModel(random_table(seed=6))
+    prefix = torch.tensor([[A, B, A, B]])
+    for search in (greedy_search, beam3):
+        out = search(stub, src_of([2]), **IDS, max_len_a=0.0, max_len_b=2, prefix=prefix)
+        assert hyp(out, 0) == [A, B, A, B, EOS]
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_an_ensemble_of_a_model_with_itself_decodes_as_the_model(model, search):
+    from mt.search import Ensemble
+
+    src = sources()
+    run = greedy_search if search == "greedy" else beam3
+    alone = run(model, src, **IDS, max_len_b=8)
+    pair = run(Ensemble([model, model]), src, **IDS, max_len_b=8)
+    assert torch.equal(alone.tokens, pair.tokens)
+    torch.testing.assert_close(alone.scores, pair.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_an_ensemble_step_is_the_mean_of_the_models_log_probabilities(model):
+    from mt.search import Ensemble
+
+    other = copy.deepcopy(model)
+    torch.manual_seed(1)
+    for p in other.parameters():
+        p.data.add_(torch.randn_like(p) * 0.5)
+    src, tokens = sources(), torch.full((6,), BOS)
+    with torch.inference_mode():
+        expected = (model.decode_step(tokens, model.start_decoding(src)).log_softmax(-1)
+                    + other.decode_step(tokens, other.start_decoding(src)).log_softmax(-1)) / 2
+        ensemble = Ensemble([model, other])
+        got = ensemble.decode_step(tokens, ensemble.start_decoding(src))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # Beam search over it reorders both models' states together: the same as its own greedy at beam 1.
+    beam = beam_search(ensemble, src, **IDS, beam_size=1, alpha=0.0, max_len_b=6)
+    greedy = greedy_search(ensemble, src, **IDS, max_len_b=6)
+    assert torch.equal(beam.tokens, greedy.tokens)

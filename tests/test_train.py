@@ -100,8 +100,8 @@ def test_linear_schedule_reaches_the_optimiser_from_steps_and_from_the_time_budg
     expected = [1e-3 * min(s / 4, 1 - (s - 1) / 20) for s in range(1, 21)]
     assert lrs == pytest.approx(expected)  # the last step still learns: 1/20 of the peak
     # No terminal, so no progress bar: each log step is a line of the log instead.
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().endswith("tokens/s")]
-    assert [line.split(":")[0] for line in lines] == [f"step {s}" for s in range(1, 21)]
+    lines = [r.getMessage() for r in caplog.records if " tokens/s, ETA " in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == [f"step {s}/20" for s in range(1, 21)]
     assert f"lr {expected[-1]:.2e}," in lines[-1]
     # A wall-time budget, once it is a step budget, ends the line there, whatever max_steps says.
     batch = next(trainer.micro_batches())[0]
@@ -225,3 +225,60 @@ def test_trainer_with_auto_precision_trains_in_what_it_resolved(tmp_path, monkey
     want = "bf16" if native else "fp32"
     assert trainer.precision == want and used and set(used) == {want}
     assert load_checkpoint(Path(cfg.run_dir) / "checkpoint_last.pt")["config"]["train"]["precision"] == "auto"
+
+
+def test_tensorboard_mirrors_metrics_jsonl_and_a_resumed_run_appends_without_repeating_steps(tmp_path, caplog,
+                                                                                            monkeypatch):
+    import re
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: a log line per log_every, with the ETA
+    corpus = _write_corpus(tmp_path / "pairs")
+    cfg = _tiny_config(tmp_path, corpus, "train.log_to=[tensorboard]", "train.max_steps=20", "train.save_every=10",
+                       "train.validate_every=10", "train.valid_bleu=false", "train.average_last=0")
+    with caplog.at_level("INFO", logger="mt.train"):
+        Trainer(cfg, prepare_data(cfg.data, cfg.run_dir)).fit()
+    assert any(re.fullmatch(r"step 15/20: loss .*, \d+ tokens/s, ETA \d\d:\d\d", m) for m in caplog.messages)
+    run = Path(cfg.run_dir)
+    # As if killed after logging step 20 but before its checkpoint: the resumed run logs 15 and 20 again.
+    (run / "checkpoint_last.pt").unlink()  # (a hard link to checkpoint_20.pt)
+    shutil.copyfile(run / "checkpoint_10.pt", run / "checkpoint_last.pt")
+    Trainer(cfg, prepare_data(cfg.data, cfg.run_dir), resume=True).fit()
+
+    expected: dict[str, dict[int, float]] = {}  # tag -> step -> the value logged last
+    for record in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
+        group = "valid" if "valid_loss" in record else "run" if "hardware" in record else "train"
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                expected.setdefault(f"{group}/{key.removeprefix('valid_')}", {})[record["step"]] = value
+    assert sorted(expected["train/loss"]) == [5, 10, 15, 20] and sorted(expected["valid/loss"]) == [10, 20]
+    assert sorted(expected["run/peak_flops"]) == [0, 10]  # each start's measurement
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2  # appended, not restarted
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    for tag, values in expected.items():
+        scalars = events.Scalars(tag)
+        assert [e.step for e in scalars] == sorted(values), tag  # each step once: the killed process's purged
+        assert [e.value for e in scalars] == pytest.approx([values[s] for s in sorted(values)], rel=1e-6), tag
+
+
+def test_log_to_accepts_tensorboard_only():
+    assert load_config("configs/tiny.yaml", ["train.log_to=[tensorboard]"]).train.log_to == ["tensorboard"]
+    assert load_config("configs/tiny.yaml").train.log_to == []
+    with pytest.raises(MTError, match=r"train.log_to\[0\] must be one of tensorboard, got 'wandb'"):
+        load_config("configs/tiny.yaml", ["train.log_to=[wandb]"])
+    with pytest.raises(MTError, match="train.log_to must be a list"):
+        load_config("configs/tiny.yaml", ["train.log_to=tensorboard"])
+
+
+def test_log_to_tensorboard_without_the_package_is_a_one_line_error_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    corpus = _write_corpus(tmp_path / "pairs", n=20)
+    cfg = _tiny_config(tmp_path, corpus, "train.log_to=[tensorboard]")
+    message = r'^train.log_to: tensorboard needs the tensorboard package: pip install -e "\.\[plot\]"$'
+    with pytest.raises(MTError, match=message):
+        Trainer(cfg, prepare_data(cfg.data, cfg.run_dir))
+    assert not (Path(cfg.run_dir) / "metrics.jsonl").exists()

@@ -7,11 +7,11 @@ test sets `mt eval --checkpoint` scored this checkpoint on (`scores.jsonl`, with
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mt.config import Config
+from mt.metrics import read_records
 from mt.model import Transformer
 
 USAGE = {
@@ -64,32 +64,15 @@ NOTES = {
 }
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a .jsonl file, skipping a line cut short by a killed run; [] without the file."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def _last_validation(run_dir: Path) -> dict[str, Any] | None:
-    validations = [r for r in _records(run_dir / "metrics.jsonl") if "valid_loss" in r]
+    validations = [r for r in read_records(run_dir / "metrics.jsonl") if "valid_loss" in r]
     return validations[-1] if validations else None
 
 
 def _test_scores(run_dir: Path, checkpoint: str) -> list[dict[str, Any]]:
     """The latest score of each test set `mt eval` recorded for `checkpoint` (a file name)."""
     fields = ("bleu", "chrf", "bleu_signature", "chrf_signature")
-    by_test = {r.get("test", "?"): r for r in _records(run_dir / "scores.jsonl")
+    by_test = {r.get("test", "?"): r for r in read_records(run_dir / "scores.jsonl")
                if r.get("checkpoint") == checkpoint and all(k in r for k in fields)}
     return list(by_test.values())
 
