@@ -424,6 +424,33 @@ def test_a_checkpoint_from_before_the_variant_keys_loads_as_the_papers_model():
     assert isinstance(rebuilt, Transformer) and rebuilt.cfg == model.cfg
 
 
+def test_an_ensemble_of_variants_decodes_through_the_same_three_calls():
+    from mt.search import Ensemble
+
+    decoder_only, encoder_decoder = tiny("decoder_only_all_three"), tiny("all_three")
+    src = sources()
+    alone = beam_search(decoder_only, src, **IDS, beam_size=3, max_len_b=6)
+    twice = beam_search(Ensemble([decoder_only, decoder_only]), src, **IDS, beam_size=3, max_len_b=6)
+    assert torch.equal(alone.tokens, twice.tokens)  # the mean of one model's log-probs is its own
+    mixed = beam_search(Ensemble([decoder_only, encoder_decoder]), src, **IDS, beam_size=3, max_len_b=6)
+    assert mixed.tokens.shape[0] == src.size(0)
+
+
+def test_decoder_only_greedy_with_a_prefix_starts_with_it_and_scores_it_as_forward_does():
+    model = tiny("decoder_only")
+    src = sources()[:2]
+    prefix = torch.tensor([[7, 8], [9, PAD]])
+    out = greedy_search(model, src, **IDS, max_len_b=5, prefix=prefix)
+    assert out.tokens[0, 0, :2].tolist() == [7, 8] and out.tokens[1, 0, 0].item() == 9
+    with torch.no_grad():
+        for i in range(2):
+            n = int(out.lengths[i, 0])
+            tokens = out.tokens[i, 0, :n]
+            lprobs = model(src[i:i + 1], torch.cat([torch.tensor([BOS]), tokens[:-1]])[None]).log_softmax(-1)[0]
+            total = lprobs.gather(1, tokens[:, None]).sum().item()
+            assert out.scores[i, 0].item() == pytest.approx(total, abs=1e-4)
+
+
 # ---- parameter counts, export refusals
 
 
@@ -451,7 +478,7 @@ def test_a_variant_trains_resumes_exactly_averages_translates_and_is_refused_by_
     from mt.cli import main
     from mt.data import prepare_data
     from mt.train import Trainer
-    from mt.translate import load_translator, translate_lines
+    from mt.translate import load_translator, translate_lines, translate_nbest
 
     corpus = write_pairs(tmp_path / "pairs", 40)
     sets = [f"model.{k}={v}" for k, v in VARIANTS[variant].items()]
@@ -491,6 +518,12 @@ def test_a_variant_trains_resumes_exactly_averages_translates_and_is_refused_by_
     translator = load_translator(averaged, search_overrides=["decode.beam_size=2"])
     hyps = translate_lines(translator, ["Ein Mann fährt Fahrrad.", "", "Zwei Hunde spielen im Schnee."])
     assert len(hyps) == 3 and hyps[1] == ""
+    # Word alignments read the cross-attention: the encoder-decoder variants have it, decoder-only refuses.
+    if "decoder_only" in variant:
+        with pytest.raises(MTError, match="not for decoder_only"):
+            translate_nbest(translator, ["Ein Mann fährt Fahrrad."], alignment=True)
+    else:
+        assert translate_nbest(translator, ["Ein Mann fährt Fahrrad."], alignment=True)[0][0].alignment is not None
 
     for fmt in ("ct2", "hf", "onnx"):
         assert main(["export", "--checkpoint", str(averaged), "--format", fmt,
