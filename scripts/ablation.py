@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import shutil
 import statistics
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from mt.checkpoint import count_parameters, load_checkpoint  # noqa: E402
 from mt.config import ModelConfig, from_dict, load_config  # noqa: E402
+from mt.metrics import read_records  # noqa: E402
 
 # name -> (what the table calls it, the model settings it changes)
 ROWS = {
@@ -80,7 +80,7 @@ def run(command: list[str]) -> None:
 def train_and_score(name: str, settings: dict, run_dir: Path, minutes: float, args: argparse.Namespace,
                     vocab_from: Path | None) -> None:
     """`mt train` then `mt eval` of the last and the averaged checkpoint, unless the run has its scores."""
-    if (run_dir / "scores.jsonl").is_file() and len(read_jsonl(run_dir / "scores.jsonl")) >= 2:
+    if (run_dir / "scores.jsonl").is_file() and len(read_records(run_dir / "scores.jsonl")) >= 2:
         print(f"{run_dir}: already trained and scored", file=sys.stderr)
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,10 +101,6 @@ def train_and_score(name: str, settings: dict, run_dir: Path, minutes: float, ar
              "--ref", f"{test}.{cfg.data.tgt_lang}", "--output", str(run_dir / f"test.{checkpoint[:-3]}.hyp")])
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def row_figures(run_dir: Path, test: str) -> dict:
     """Parameters, tokens/s (the median of the log records, the first left out: it holds the warm-up), steps,
     and the BLEU on `test` (the source file `mt eval` read) of the last and the averaged checkpoint with their
@@ -112,9 +108,9 @@ def row_figures(run_dir: Path, test: str) -> dict:
     state = load_checkpoint(run_dir / "checkpoint_last.pt")
     spec = state["model_spec"]
     cfg = from_dict(ModelConfig, spec["cfg"], str(run_dir))
-    training = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "tokens_per_s" in r]
+    training = [r for r in read_records(run_dir / "metrics.jsonl") if "tokens_per_s" in r]
     speeds = [r["tokens_per_s"] for r in training[1:]] or [r["tokens_per_s"] for r in training]
-    scores = {r["checkpoint"]: r for r in read_jsonl(run_dir / "scores.jsonl")
+    scores = {r["checkpoint"]: r for r in read_records(run_dir / "scores.jsonl")
               if Path(r["test"]).resolve() == Path(ROOT, test).resolve()}  # the latest of each
     return {
         "parameters": count_parameters(cfg, spec["src_vocab_size"], spec["tgt_vocab_size"],
