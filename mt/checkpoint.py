@@ -22,6 +22,7 @@ from mt.data import PAD, Vocab
 from mt.errors import MTError
 from mt.io import atomic_open
 from mt.fast import speed_up
+from mt.decoder_only import DecoderOnlyTransformer
 from mt.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,31 @@ def model_spec(cfg: ModelConfig, vocab: Vocab) -> dict[str, Any]:
             "pad_id": PAD, "share_all_embeddings": vocab.joint}
 
 
-def build_model(spec: dict[str, Any], fast: bool = True) -> Transformer:
+# model.arch -> the class that builds it; both take the same arguments and offer the same calls.
+ARCHITECTURES = {"encoder_decoder": Transformer, "decoder_only": DecoderOnlyTransformer}
+
+
+def build_model(spec: dict[str, Any], fast: bool = True) -> Transformer | DecoderOnlyTransformer:
     """The model `spec` describes, with mt.fast's kernels unless `fast` is False (the plain reference)."""
-    model = Transformer(from_dict(ModelConfig, spec["cfg"], "<checkpoint>"), spec["src_vocab_size"],
-                        spec["tgt_vocab_size"], pad_id=spec["pad_id"],
-                        share_all_embeddings=spec["share_all_embeddings"])
+    cfg = from_dict(ModelConfig, spec["cfg"], "<checkpoint>")
+    if cfg.ffn == "swiglu" and cfg.swiglu_d_ff is None:
+        log.info("model.ffn swiglu: hidden width %d, 2/3 of d_ff %d rounded to a multiple of 8, for the parameters "
+                 "of the ReLU layer (model.swiglu_d_ff sets another)", cfg.ffn_width, cfg.d_ff)
+    model = ARCHITECTURES[cfg.arch](cfg, spec["src_vocab_size"], spec["tgt_vocab_size"], pad_id=spec["pad_id"],
+                                    share_all_embeddings=spec["share_all_embeddings"])
     return speed_up(model) if fast else model
+
+
+def count_parameters(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int | None = None,
+                     joint: bool = True) -> int:
+    """The trainable parameters of the model `cfg` describes (a shared matrix once), counted on the meta device:
+    nothing is allocated or initialised, so a script can size a variant to a parameter budget (the ablation's
+    rows within 5% of the paper's model) before training it."""
+    spec = {"cfg": to_dict(cfg), "src_vocab_size": src_vocab_size,
+            "tgt_vocab_size": src_vocab_size if tgt_vocab_size is None else tgt_vocab_size, "pad_id": PAD,
+            "share_all_embeddings": joint}
+    with torch.device("meta"):
+        return build_model(spec, fast=False).num_parameters()
 
 
 def vocab_state(vocab: Vocab) -> dict[str, Any]:

@@ -63,7 +63,16 @@ class ModelConfig:
     dropout: float = 0.1  # P_drop: on sub-layer outputs and on embedding + position sums (Section 5.4)
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
-    norm: str = "post"  # "post": LayerNorm(x + Sublayer(x)) as in the paper; "pre": x + Sublayer(LayerNorm(x))
+    norm: str = "post"  # "post": LayerNorm(x + Sublayer(x)) as in the paper; "pre": x + Sublayer(LayerNorm(x));
+    # "rms_pre": pre-norm with RMSNorm (Zhang & Sennrich, 2019)
+    ffn: str = "relu"  # relu (Section 3.3) | gelu | swiglu (Shazeer, 2020: three projections, no biases)
+    # SwiGLU's hidden width; None: 2/3 d_ff rounded to a multiple of 8, so that its three matrices hold about the
+    # parameters of the ReLU layer's two (see ModelConfig.ffn_width)
+    swiglu_d_ff: Optional[int] = None
+    positions: str = "sinusoidal"  # sinusoidal (Section 3.5) | learned | rope (rotary, Su et al., 2021)
+    # encoder_decoder (Section 3) | decoder_only: one stack of n_layers reading `source EOS BOS target`, the source
+    # attending both ways (a prefix LM), the target causally; needs data.joint_vocab
+    arch: str = "encoder_decoder"
     tie_embeddings: bool = True  # Section 3.4: target embedding = pre-softmax projection
     embed_init: str = "xavier"  # xavier: Xavier-uniform, as every matrix | normal: N(0, d_model^-0.5), as fairseq
     max_positions: int = 1024  # sinusoid table size; extended on demand for longer inputs
@@ -72,6 +81,16 @@ class ModelConfig:
     @property
     def decoder_layers(self) -> int:
         return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
+
+    @property
+    def ffn_width(self) -> int:
+        """The feed-forward network's hidden width: d_ff, or for SwiGLU swiglu_d_ff, by default 2/3 d_ff rounded
+        to a multiple of 8 (three d_model x width matrices against ReLU's two d_model x d_ff)."""
+        if self.ffn != "swiglu":
+            return self.d_ff
+        if self.swiglu_d_ff is not None:
+            return self.swiglu_d_ff
+        return max(8, 8 * round(2 * self.d_ff / 3 / 8))
 
 
 @dataclass
@@ -151,7 +170,10 @@ class Config:
 
 CHOICES = {
     ("data", "spm_model_type"): ("unigram", "bpe", "char", "word"),
-    ("model", "norm"): ("post", "pre"),
+    ("model", "norm"): ("post", "pre", "rms_pre"),
+    ("model", "ffn"): ("relu", "gelu", "swiglu"),
+    ("model", "positions"): ("sinusoidal", "learned", "rope"),
+    ("model", "arch"): ("encoder_decoder", "decoder_only"),
     ("model", "embed_init"): ("xavier", "normal"),
     ("train", "precision"): ("fp32", "bf16", "fp16", "auto"),
     ("train", "best_metric"): ("bleu", "loss"),
@@ -381,6 +403,14 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         raise bad("model.d_model", f"({model.d_model}) must be divisible by model.n_heads ({model.n_heads})")
     if model.d_model % 2:
         raise bad("model.d_model", f"must be even for the sinusoidal encodings, got {model.d_model}")
+    if model.positions == "rope" and (model.d_model // model.n_heads) % 2:
+        raise bad("model.positions", f"rope rotates pairs of dimensions: the head width d_model / n_heads "
+                  f"({model.d_model // model.n_heads}) must be even")
+    if model.swiglu_d_ff is not None and model.swiglu_d_ff <= 0:
+        raise bad("model.swiglu_d_ff", f"must be positive, got {model.swiglu_d_ff}")
+    if model.arch == "decoder_only" and not data.joint_vocab:
+        raise bad("model.arch", "decoder_only reads source and target with one embedding: it needs "
+                  "data.joint_vocab: true")
     for i, beta in enumerate(train.adam_betas):
         if not 0.0 <= beta < 1.0:
             raise bad(f"train.adam_betas[{i}]", f"must be in [0, 1), got {beta}")

@@ -64,12 +64,15 @@ class DecoderState:
     `select` builds a new state. Only the first `step` positions of a self-attention cache are meaningful.
     """
 
-    memory: Tensor  # (N, S, D): the encoder's output
+    memory: Tensor  # (N, S, D): the encoder's output (decoder-only: the stack's, over the source prefix)
     src_pad: Tensor  # (N, S) bool, True at padding
-    cross_kv: list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values, each (N, H, S, Dh)
+    cross_kv: list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values, each (N, H, S, Dh); decoder-only: none
     self_kv: list[tuple[Tensor, Tensor]]  # per decoder layer: keys, values, each (B, H, capacity, Dh)
     step: int = 0  # tokens fed so far
     group: int = 1  # rows per sentence
+    # Positions at the start of each self-attention cache before the first token fed: the decoder-only model's
+    # source prefix (mt.decoder_only); 0 for the encoder-decoder.
+    offset: int = 0
     # Per layer, the buffers the next `select` writes into: the caches of the state it was selected from.
     spare_kv: list[tuple[Tensor, Tensor]] | None = None
 
@@ -85,7 +88,7 @@ class DecoderState:
         (group > 1) reorders beams within their sentences and prunes whole sentences: `index` must then keep
         each new group's rows inside one old group, and `sentences` (B' / group,) names the old group
         (memory row) of each new group; None keeps every sentence where it is, and the memory is not copied.
-        Copies the filled part of each self-attention cache only; the capacity is kept. The new state writes
+        Copies the filled part (offset + step positions) of each self-attention cache only; the capacity is kept. The new state writes
         its own next `select` into this state's caches, so this state stays valid until then, not after.
         """
         if sentences is None and self.group == 1:
@@ -96,9 +99,10 @@ class DecoderState:
             memory, src_pad = self.memory.index_select(0, sentences), self.src_pad.index_select(0, sentences)
             cross_kv = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_kv]
         spares = self.spare_kv or [(None, None)] * len(self.self_kv)
+        filled = self.offset + self.step
         return DecoderState(
             memory=memory, src_pad=src_pad, cross_kv=cross_kv,
-            self_kv=[(_reorder(k, self.step, index, spare_k), _reorder(v, self.step, index, spare_v))
+            self_kv=[(_reorder(k, filled, index, spare_k), _reorder(v, filled, index, spare_v))
                      for (k, v), (spare_k, spare_v) in zip(self.self_kv, spares)],
-            step=self.step, group=self.group, spare_kv=self.self_kv,
+            step=self.step, group=self.group, offset=self.offset, spare_kv=self.self_kv,
         )

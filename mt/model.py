@@ -21,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from mt.config import ModelConfig
 from mt.decoder_state import DecoderState, append_to_cache
+from mt.errors import MTError
+from mt.variants import Rotary, SwiGLU, make_norm
 
 # Self-attention cache positions allocated by `start_decoding` when the caller gives no max_len; the cache
 # doubles whenever it fills.
@@ -64,11 +66,16 @@ def train_flops_per_token(cfg: ModelConfig, tgt_vocab_size: int, src_len: int, t
     look-ups, softmax, LayerNorm, biases, dropout, and the recomputation of activation checkpointing
     (hardware FLOPs, not model FLOPs). Multiply by the batch's B * T for the step's total.
     """
-    d, f, S, T = cfg.d_model, cfg.d_ff, src_len, tgt_len
+    d, S, T = cfg.d_model, src_len, tgt_len
+    ffn = (3 if cfg.ffn == "swiglu" else 2) * d * cfg.ffn_width  # the FFN's matrices, per position
+    if cfg.arch == "decoder_only":  # one stack over S + T positions, the output projection over T of them
+        L = S + T
+        stack = cfg.n_layers * (L * (4 * d * d + ffn) + 2 * L * L * d)
+        return 3 * 2 * (stack + T * d * tgt_vocab_size) / T
     # Multiply-adds of one sentence pair's forward pass.
-    encoder = cfg.n_layers * (S * (4 * d * d + 2 * d * f)  # Q, K, V, output projections; FFN
+    encoder = cfg.n_layers * (S * (4 * d * d + ffn)  # Q, K, V, output projections; FFN
                               + 2 * S * S * d)  # scores Q K^T and the weighted sum of V
-    decoder = cfg.decoder_layers * (T * (4 * d * d + 2 * d * f)  # self-attention projections; FFN
+    decoder = cfg.decoder_layers * (T * (4 * d * d + ffn)  # self-attention projections; FFN
                                     + 2 * T * T * d  # self-attention scores and sum
                                     + T * 2 * d * d + S * 2 * d * d  # cross-attention: Q and output; K and V
                                     + 2 * T * S * d)  # cross-attention scores and sum
@@ -82,15 +89,25 @@ def train_flops_per_token(cfg: ModelConfig, tgt_vocab_size: int, src_len: int, t
 
 class Embeddings(nn.Module):
     """Token embedding * sqrt(d_model) (Section 3.4) + sinusoidal position (Section 3.5), then dropout on the
-    sum (Section 5.4)."""
+    sum (Section 5.4).
 
-    def __init__(self, vocab_size: int, d_model: int, dropout: float, pad_id: int, max_positions: int):
+    ModelConfig.positions: "learned" adds a learned vector per position instead (Section 3.5's alternative,
+    Table 3 row E), limited to max_positions; "rope" adds nothing here: positions enter self-attention
+    (mt.variants.Rotary).
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, dropout: float, pad_id: int, max_positions: int,
+                 positions: str = "sinusoidal"):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
         self.scale = math.sqrt(d_model)
         self.dropout = nn.Dropout(dropout)
-        # Not persistent: it is a function of its shape, so checkpoints need not carry it.
-        self.register_buffer("pe", sinusoids(max_positions, d_model), persistent=False)
+        self.kind = positions
+        if positions == "sinusoidal":
+            # Not persistent: it is a function of its shape, so checkpoints need not carry it.
+            self.register_buffer("pe", sinusoids(max_positions, d_model), persistent=False)
+        elif positions == "learned":
+            self.learned = nn.Embedding(max_positions, d_model)
 
     def positions(self, start: int, length: int) -> Tensor:
         """The encodings of positions start .. start + length - 1: (length, D)."""
@@ -106,10 +123,26 @@ class Embeddings(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             self.pe = sinusoids(n, self.pe.size(1)).to(self.pe.device)
 
-    def forward(self, tokens: Tensor, start: int = 0) -> Tensor:
-        """tokens (B, L) long, at positions start .. start + L - 1 -> (B, L, D)."""
+    def forward(self, tokens: Tensor, start: int | Tensor = 0, end: int = 0) -> Tensor:
+        """tokens (B, L) long, at positions start .. start + L - 1, or at start (B, L) long, each row's own
+        positions, all below `end` (known on the host) -> (B, L, D)."""
         x = self.embed(tokens) * self.scale
-        return self.dropout(x + self.positions(start, tokens.size(1)).to(x.dtype))
+        if self.kind == "rope":
+            return self.dropout(x)
+        per_row = isinstance(start, Tensor)
+        end = end if per_row else start + tokens.size(1)
+        if self.kind == "learned":
+            if end > self.learned.num_embeddings:
+                raise MTError(f"an input of {end} positions is longer than the {self.learned.num_embeddings} "
+                              "learned positions (model.max_positions) this model has")
+            pe = self.learned(start) if per_row else self.learned.weight[start:end]
+        elif per_row:
+            if end > self.pe.size(0):
+                self._extend(end)
+            pe = self.pe[start]  # (B, L, D)
+        else:
+            pe = self.positions(start, tokens.size(1))
+        return self.dropout(x + pe.to(x.dtype))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -146,7 +179,8 @@ class MultiHeadAttention(nn.Module):
     matrix, so the incremental decoder computes the latter once per sentence.
     """
 
-    def __init__(self, d_model: int, n_heads: int, attention_dropout: float, cross: bool = False):
+    def __init__(self, d_model: int, n_heads: int, attention_dropout: float, cross: bool = False,
+                 rope_positions: int = 0):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_model // n_heads
         self.dropout_p = attention_dropout  # on the attention probabilities, applied inside the kernel
@@ -162,15 +196,22 @@ class MultiHeadAttention(nn.Module):
         else:
             self.qkv_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        # model.positions rope: self-attention rotates its queries and keys (a table of rope_positions to start).
+        self.rotary = Rotary(self.d_head, rope_positions) if rope_positions and not cross else None
 
     def split_heads(self, x: Tensor) -> Tensor:
         """(B, L, D) -> (B, H, L, Dh)."""
         return x.unflatten(-1, (self.n_heads, self.d_head)).transpose(1, 2)
 
-    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Self-attention: x (B, L, D) -> q, k, v, each (B, H, L, Dh)."""
+    def project_qkv(self, x: Tensor, positions: int | Tensor = 0, end: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention: x (B, L, D) -> q, k, v, each (B, H, L, Dh). With rotary embeddings, q and k are
+        rotated to their positions: positions .. positions + L - 1, or positions (B, L) below `end` (see
+        `Rotary`)."""
         q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, positions, end)
+        return q, k, v
 
     def project_q(self, x: Tensor) -> Tensor:
         """Cross-attention queries: x (B, T, D) -> (B, H, T, Dh)."""
@@ -208,13 +249,14 @@ class MultiHeadAttention(nn.Module):
         return self.attend(q, k, v, mask).reshape(x.shape)  # (B / group, group, D) -> (B, 1, D)
 
     def forward(self, x: Tensor, memory: Tensor | None = None, mask: Tensor | None = None,
-                causal: bool = False) -> Tensor:
+                causal: bool = False, positions: int | Tensor = 0, end: int = 0) -> Tensor:
         """x (B, L, D) queries; memory (B, S, D) for cross-attention (keys and values come from x otherwise);
-        mask broadcastable to (B, H, L, S or L) -> (B, L, D)."""
+        mask broadcastable to (B, H, L, S or L); positions and end: x's positions, for rotary embeddings (see
+        `project_qkv`) -> (B, L, D)."""
         if self.cross:
             k, v = self.project_kv(memory)
             return self.attend(self.project_q(x), k, v, mask)
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.project_qkv(x, positions, end)
         return self.attend(q, k, v, mask, causal)
 
 
@@ -222,18 +264,31 @@ class MultiHeadAttention(nn.Module):
 # Sections 3.3 and 3.1: feed-forward network, residual connections, layers
 
 
-class FeedForward(nn.Module):
-    """Section 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2, with activation dropout after the ReLU."""
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # GELU: Hendrycks & Gimpel (2016), exact (erf) form
 
-    def __init__(self, d_model: int, d_ff: int, activation_dropout: float):
+
+class FeedForward(nn.Module):
+    """Section 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2, with activation dropout after the ReLU (or GELU, with
+    model.ffn gelu)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation_dropout: float, activation: str = "relu"):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(activation_dropout)
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, L, D) -> (B, L, D)."""
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+def feed_forward(cfg: ModelConfig) -> nn.Module:
+    """The position-wise network of ModelConfig.ffn: Section 3.3's (ReLU or GELU), or SwiGLU of width
+    cfg.ffn_width."""
+    if cfg.ffn == "swiglu":
+        return SwiGLU(cfg.d_model, cfg.ffn_width, cfg.activation_dropout)
+    return FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout, cfg.ffn)
 
 
 class Residual(nn.Module):
@@ -241,14 +296,15 @@ class Residual(nn.Module):
     (Section 5.4).
 
     Post-norm, the paper's: LayerNorm(x + Dropout(Sublayer(x))). Pre-norm: x + Dropout(Sublayer(LayerNorm(x)))
-    (Wang et al., 2019), which leaves the residual stream unnormalised and trains deep stacks more stably.
+    (Wang et al., 2019), which leaves the residual stream unnormalised and trains deep stacks more stably;
+    rms_pre: the same with RMSNorm. `norm` is ModelConfig.norm.
     """
 
-    def __init__(self, d_model: int, dropout: float, pre_norm: bool):
+    def __init__(self, d_model: int, dropout: float, norm: str):
         super().__init__()
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = make_norm(norm, d_model)
         self.dropout = nn.Dropout(dropout)
-        self.pre_norm = pre_norm
+        self.pre_norm = norm != "post"
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
         """x (B, L, D), sublayer: (B, L, D) -> (B, L, D) -> (B, L, D)."""
@@ -257,20 +313,31 @@ class Residual(nn.Module):
         return self.norm(x + self.dropout(sublayer(x)))
 
 
+def rope_positions(cfg: ModelConfig) -> int:
+    """The rotary table size self-attention starts with: max_positions with model.positions rope, else 0 (none)."""
+    return cfg.max_positions if cfg.positions == "rope" else 0
+
+
+def final_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm that ends a pre-norm stack (whose residual stream is never normalised); none for post-norm."""
+    return nn.Identity() if cfg.norm == "post" else make_norm(cfg.norm, cfg.d_model)
+
+
 class EncoderLayer(nn.Module):
     """Section 3.1: self-attention, then the feed-forward network, each inside a `Residual`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        pre = cfg.norm == "pre"
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
-        self.res_attn = Residual(cfg.d_model, cfg.dropout, pre)
-        self.res_ffn = Residual(cfg.d_model, cfg.dropout, pre)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout,
+                                            rope_positions=rope_positions(cfg))
+        self.ffn = feed_forward(cfg)
+        self.res_attn = Residual(cfg.d_model, cfg.dropout, cfg.norm)
+        self.res_ffn = Residual(cfg.d_model, cfg.dropout, cfg.norm)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """x (B, S, D), mask (B, 1, 1, S) from `padding_mask` -> (B, S, D)."""
-        x = self.res_attn(x, lambda y: self.self_attn(y, mask=mask))
+    def forward(self, x: Tensor, mask: Tensor, positions: int | Tensor = 0, end: int = 0) -> Tensor:
+        """x (B, S, D), mask broadcastable to (B, 1, S, S) (`padding_mask`'s (B, 1, 1, S) here; the decoder-only
+        stack's prefix mask there); positions and end: x's positions for rotary embeddings -> (B, S, D)."""
+        x = self.res_attn(x, lambda y: self.self_attn(y, mask=mask, positions=positions, end=end))
         return self.res_ffn(x, self.ffn)
 
 
@@ -279,13 +346,14 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        pre = cfg.norm == "pre"
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout,
+                                            rope_positions=rope_positions(cfg))
+        # Cross-attention stays unrotated: source and target positions are not on one axis.
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, cross=True)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
-        self.res_self = Residual(cfg.d_model, cfg.dropout, pre)
-        self.res_cross = Residual(cfg.d_model, cfg.dropout, pre)
-        self.res_ffn = Residual(cfg.d_model, cfg.dropout, pre)
+        self.ffn = feed_forward(cfg)
+        self.res_self = Residual(cfg.d_model, cfg.dropout, cfg.norm)
+        self.res_cross = Residual(cfg.d_model, cfg.dropout, cfg.norm)
+        self.res_ffn = Residual(cfg.d_model, cfg.dropout, cfg.norm)
 
     def forward(self, x: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
         """x (B, T, D), memory (B, S, D), mask (B, 1, 1, S) from `padding_mask` -> (B, T, D).
@@ -305,7 +373,7 @@ class DecoderLayer(nn.Module):
         position's keys and values written (grown if it was full)."""
         def self_attention(y: Tensor) -> Tensor:
             nonlocal cache
-            q, k, v = self.self_attn.project_qkv(y)
+            q, k, v = self.self_attn.project_qkv(y, position)  # rotary embeddings: this position's alone
             cache, keys, values = append_to_cache(cache, k, v, position)
             # Positions 0..position are all this query may see: the look-ahead mask has nothing left to hide.
             return self.self_attn.attend(q, keys, values)
@@ -338,13 +406,13 @@ class Transformer(nn.Module):
         self.cfg, self.pad_id = cfg, pad_id
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
         d = cfg.d_model
-        self.src_embed = Embeddings(src_vocab_size, d, cfg.dropout, pad_id, cfg.max_positions)
-        self.tgt_embed = Embeddings(tgt_vocab_size, d, cfg.dropout, pad_id, cfg.max_positions)
+        self.src_embed = Embeddings(src_vocab_size, d, cfg.dropout, pad_id, cfg.max_positions, cfg.positions)
+        self.tgt_embed = Embeddings(tgt_vocab_size, d, cfg.dropout, pad_id, cfg.max_positions, cfg.positions)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
-        # A pre-norm stack never normalises its residual stream, so it ends with a LayerNorm of its own.
-        self.encoder_norm = nn.LayerNorm(d) if cfg.norm == "pre" else nn.Identity()
-        self.decoder_norm = nn.LayerNorm(d) if cfg.norm == "pre" else nn.Identity()
+        # A pre-norm stack never normalises its residual stream, so it ends with a norm of its own.
+        self.encoder_norm = final_norm(cfg)
+        self.decoder_norm = final_norm(cfg)
         self.output = nn.Linear(d, tgt_vocab_size, bias=False)
         # Initialised before tying, so that a seed draws the same weights whichever matrices end up shared.
         self.reset_parameters()
@@ -469,7 +537,10 @@ class AttentionMaps:
 def attention_maps(model: Transformer, src: Tensor, tgt_in: Tensor) -> AttentionMaps:
     """Run `model.forward` (the code path training and scoring run; the incremental decoder computes the same
     probabilities) on src (B, S) and tgt_in (B, T) = BOS + target, keeping every attention module's
-    probabilities. Dropout is off for the pass; the model's mode is restored after it."""
+    probabilities. Dropout is off for the pass; the model's mode is restored after it. Encoder-decoder models
+    only: a decoder-only model's one stack has no encoder, decoder and cross-attention maps to give."""
+    if model.cfg.arch != "encoder_decoder":
+        raise MTError(f"attention maps are for encoder-decoder models, not for {model.cfg.arch}")
     modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
     training = model.training
     model.eval()

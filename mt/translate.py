@@ -30,6 +30,7 @@ from mt.config import DecodeConfig, apply_override, from_dict, to_dict, validate
 from mt.data import BOS, EOS, PAD, Vocab, make_batches, pad_sentences
 from mt.errors import MTError
 from mt.io import atomic_open, open_text, read_lines
+from mt.decoder_only import DecoderOnlyTransformer
 from mt.model import Transformer, attention_maps
 from mt.fast import int8_linears
 from mt.runtime import decode_batch_tokens, native_bf16, resolve_precision
@@ -50,7 +51,7 @@ class Translator:
     members: list[Transformer] = field(default_factory=list)  # the models, for alignments (model's own if empty)
 
     def __post_init__(self):
-        if not self.members and isinstance(self.model, Transformer):
+        if not self.members and isinstance(self.model, (Transformer, DecoderOnlyTransformer)):
             self.members = [self.model]
 
 

@@ -41,9 +41,15 @@ PACKAGES = {
     "onnx": (("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("onnxscript", "onnxscript")),
 }
 
-# The model settings a format cannot express, as (config key, values it can express).
+# The model settings each format can express, as (config key, values it can express); any other value is
+# refused in one line. Only what tests/test_export*.py checks against mt is claimed: the paper's model, and
+# pre-norm where CTranslate2 and the ONNX graphs have it (MarianMTModel has post-norm layers only). RMSNorm,
+# GELU, SwiGLU, learned or rotary positions and the decoder-only stack are refused everywhere.
+_VARIANTS = (("ffn", ("relu",)), ("positions", ("sinusoidal",)), ("arch", ("encoder_decoder",)))
 EXPRESSIBLE = {
-    "hf": (("norm", ("post",)),),  # MarianMTModel has post-norm layers only
+    "ct2": (("norm", ("post", "pre")), *_VARIANTS),
+    "hf": (("norm", ("post",)), *_VARIANTS),
+    "onnx": (("norm", ("post", "pre")), *_VARIANTS),
 }
 
 

@@ -1,0 +1,196 @@
+"""The ablation table of issue 19: the 2017 model against later changes, each a Multi30k de->en run of the main
+job's recipe (configs/multi30k.yaml) under the same wall-time budget.
+
+    python scripts/ablation.py                          # the table: 7 rows x 20 minutes, then 2 x 60 minutes
+    python scripts/ablation.py --table-only             # the table again from the runs already there
+    python scripts/ablation.py --minutes 0.5 --rows paper,swiglu --no-hour --runs runs/ablation-check
+
+Rows: the 2017 model (post-norm, ReLU, sinusoids, encoder-decoder), pre-norm, RMSNorm (pre-norm placement),
+SwiGLU, RoPE, all three of RMSNorm + SwiGLU + RoPE, and decoder-only (a prefix LM with as many layers as
+bring its parameters nearest the 2017 model's). Every row has the same data, the same SentencePiece model
+(learned once, by the first row, and copied into the others' run directories), the same seed, and a
+parameter count within 5% of the 2017 model's (checked before anything trains). Then the best row (by
+test BLEU of the averaged checkpoint) and the 2017 model run again for the recipe's full hour.
+
+Each row runs `mt train` and `mt eval` (test_2016_flickr, beam 4, length penalty 0.6, the last and the
+averaged checkpoint) as subprocesses; the table is read from the runs' metrics.jsonl and scores.jsonl, and
+printed as markdown (and written to RUNS/table.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mt.checkpoint import count_parameters, load_checkpoint  # noqa: E402
+from mt.config import ModelConfig, from_dict, load_config  # noqa: E402
+from mt.metrics import read_records  # noqa: E402
+
+# name -> (what the table calls it, the model settings it changes)
+ROWS = {
+    "paper": ("2017 model (post-norm, ReLU, sinusoids)", {}),
+    "pre_norm": ("pre-norm", {"norm": "pre"}),
+    "rmsnorm": ("RMSNorm (pre-norm)", {"norm": "rms_pre"}),
+    "swiglu": ("SwiGLU (d_ff 2/3)", {"ffn": "swiglu"}),
+    "rope": ("RoPE", {"positions": "rope"}),
+    "all_three": ("RMSNorm + SwiGLU + RoPE", {"norm": "rms_pre", "ffn": "swiglu", "positions": "rope"}),
+    "decoder_only": ("decoder-only (prefix LM)", {"arch": "decoder_only"}),
+}
+PARAMETER_TOLERANCE = 0.05
+
+
+def row_settings(name: str, base: ModelConfig, vocab_size: int) -> dict:
+    """The row's model settings; for decoder-only, n_layers chosen to bring its parameters nearest `base`'s."""
+    settings = dict(ROWS[name][1])
+    if settings.get("arch") == "decoder_only":
+        target = count_parameters(base, vocab_size)
+        settings["n_layers"] = min(range(1, 8 * base.n_layers + 1), key=lambda n: abs(
+            count_parameters(dataclasses.replace(base, **settings, n_layers=n), vocab_size) - target))
+    return settings
+
+
+def plan(names: list[str], base: ModelConfig, vocab_size: int) -> dict[str, dict]:
+    """Each row's settings, after checking that its parameters are within PARAMETER_TOLERANCE of the 2017 model's."""
+    target = count_parameters(base, vocab_size)
+    settings = {}
+    for name in names:
+        settings[name] = row_settings(name, base, vocab_size)
+        n = count_parameters(dataclasses.replace(base, **settings[name]), vocab_size)
+        print(f"{name}: {n:,} parameters ({100 * (n / target - 1):+.2f}% of the 2017 model's {target:,}) "
+              f"{settings[name] or ''}", file=sys.stderr)
+        if abs(n / target - 1) > PARAMETER_TOLERANCE:
+            sys.exit(f"ablation: {name} has {n:,} parameters, more than {PARAMETER_TOLERANCE:.0%} from {target:,}")
+    return settings
+
+
+def run(command: list[str]) -> None:
+    print("+ " + " ".join(command), file=sys.stderr, flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
+def train_and_score(name: str, settings: dict, run_dir: Path, minutes: float, args: argparse.Namespace,
+                    vocab_from: Path | None) -> None:
+    """`mt train` then `mt eval` of the last and the averaged checkpoint, unless the run has its scores."""
+    if (run_dir / "scores.jsonl").is_file() and len(read_records(run_dir / "scores.jsonl")) >= 2:
+        print(f"{run_dir}: already trained and scored", file=sys.stderr)
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if vocab_from is not None:  # the same SentencePiece model for every row, byte for byte
+        for path in vocab_from.glob("spm.*"):
+            shutil.copy2(path, run_dir / path.name)
+    sets = [f"run_dir={run_dir}", f"train.max_time_minutes={minutes}",
+            *(f"model.{k}={v}" for k, v in settings.items()), *args.set]
+    mt = [sys.executable, "-m", "mt"]
+    resume = ["--resume"] if (run_dir / "checkpoint_last.pt").is_file() else []  # an interrupted row goes on
+    run([*mt, "train", "--config", str(args.config), *resume, *(a for s in sets for a in ("--set", s))])
+    cfg = load_config(args.config, sets)
+    test = cfg.data.test
+    if not test:
+        sys.exit(f"ablation: {args.config} names no data.test to score")
+    for checkpoint in ("checkpoint_last.pt", "checkpoint_avg.pt"):
+        run([*mt, "eval", "--checkpoint", str(run_dir / checkpoint), "--src", f"{test}.{cfg.data.src_lang}",
+             "--ref", f"{test}.{cfg.data.tgt_lang}", "--output", str(run_dir / f"test.{checkpoint[:-3]}.hyp")])
+
+
+def row_figures(run_dir: Path, test: str) -> dict:
+    """Parameters, tokens/s (the median of the log records, the first left out: it holds the warm-up), steps,
+    and the BLEU on `test` (the source file `mt eval` read) of the last and the averaged checkpoint with their
+    signatures."""
+    state = load_checkpoint(run_dir / "checkpoint_last.pt")
+    spec = state["model_spec"]
+    cfg = from_dict(ModelConfig, spec["cfg"], str(run_dir))
+    training = [r for r in read_records(run_dir / "metrics.jsonl") if "tokens_per_s" in r]
+    speeds = [r["tokens_per_s"] for r in training[1:]] or [r["tokens_per_s"] for r in training]
+    scores = {r["checkpoint"]: r for r in read_records(run_dir / "scores.jsonl")
+              if Path(r["test"]).resolve() == Path(ROOT, test).resolve()}  # the latest of each
+    return {
+        "parameters": count_parameters(cfg, spec["src_vocab_size"], spec["tgt_vocab_size"],
+                                       spec["share_all_embeddings"]),
+        "tokens_per_s": statistics.median(speeds) if speeds else float("nan"),
+        "steps": state["progress"]["step"],
+        "minutes": state["config"]["train"]["max_time_minutes"],
+        "last": scores.get("checkpoint_last.pt", {}), "avg": scores.get("checkpoint_avg.pt", {}),
+        "layers": cfg.n_layers if cfg.arch == "decoder_only" else f"{cfg.n_layers}+{cfg.decoder_layers}",
+    }
+
+
+def table(rows: list[tuple[str, Path]], test: str) -> str:
+    signatures: list[str] = []
+
+    def bleu(score: dict) -> str:
+        if not score:
+            return "-"
+        if score["bleu_signature"] not in signatures:
+            signatures.append(score["bleu_signature"])
+        return f"{score['bleu']:.2f} [{signatures.index(score['bleu_signature']) + 1}]"
+
+    lines = ["| row | layers | parameters | tokens/s | minutes | steps | BLEU last | BLEU averaged |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label, run_dir in rows:
+        f = row_figures(run_dir, test)
+        speed = "-" if math.isnan(f["tokens_per_s"]) else f"{f['tokens_per_s']:,.0f}"  # no log step reached
+        lines.append(f"| {label} | {f['layers']} | {f['parameters'] / 1e6:.2f}M | {speed} | "
+                     f"{f['minutes']:g} | {f['steps']:,} | {bleu(f['last'])} | {bleu(f['avg'])} |")
+    lines.append("")
+    lines += [f"[{i}] sacreBLEU {s}" for i, s in enumerate(signatures, start=1)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "multi30k.yaml")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablation", help="one run directory per row")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--minutes", type=float, default=20.0, help="each row's training budget")
+    parser.add_argument("--hour", type=float, default=60.0, help="the budget of the best row's and the 2017 model's "
+                        "second run (the recipe's full hour)")
+    parser.add_argument("--no-hour", action="store_true", help="skip the second, longer runs")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the runs already there")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="an override for every row (the same for all, so the rows stay comparable)")
+    args = parser.parse_args()
+    args.config, args.runs = args.config.resolve(), args.runs.resolve()  # the subprocesses run in ROOT
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    cfg = load_config(args.config, args.set)
+    settings = plan(names, cfg.model, cfg.data.vocab_size)
+    test = f"{cfg.data.test}.{cfg.data.src_lang}"  # what each row's `mt eval --src` reads
+
+    def run_dir(name: str, minutes: float) -> Path:
+        return args.runs / f"{name}-{minutes:g}min"
+
+    rows = [(f"{ROWS[n][0]}", run_dir(n, args.minutes)) for n in names]
+    if not args.table_only:
+        vocab_from = None
+        for name in names:
+            train_and_score(name, settings[name], run_dir(name, args.minutes), args.minutes, args, vocab_from)
+            vocab_from = vocab_from or run_dir(name, args.minutes)
+    if not args.no_hour and args.hour != args.minutes:  # (the same budget would be the same run directories)
+        candidates = [(row_figures(run_dir(n, args.minutes), test)["avg"].get("bleu", -1.0), n) for n in names
+                      if n != "paper" and (run_dir(n, args.minutes) / "scores.jsonl").is_file()]
+        best = max(candidates)[1] if candidates else None
+        for name in ["paper"] + ([best] if best else []):
+            if not args.table_only:
+                train_and_score(name, settings.get(name) or row_settings(name, cfg.model, cfg.data.vocab_size),
+                                run_dir(name, args.hour), args.hour, args, run_dir(names[0], args.minutes))
+            rows.append((f"{ROWS[name][0]}, {args.hour:g} min", run_dir(name, args.hour)))
+    text = table([(label, d) for label, d in rows if (d / "checkpoint_last.pt").is_file()], test)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    (args.runs / "table.md").write_text(text + "\n", encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
