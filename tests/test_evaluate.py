@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mt.cli import main
 from mt.errors import MTError
 from mt.evaluate import load_test_set, read_hyp_ref, score
 
@@ -283,3 +285,17 @@ def test_mt_eval_with_a_named_test_set_reads_sacrebleus_cache_without_network(ti
                           "WMT2014", "-l", "de-en"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "did you mean 'wmt14'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_mt_eval_of_an_ensemble_of_a_checkpoint_with_itself_scores_as_the_checkpoint(tiny_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint.parent, run)
+    (run / "scores.jsonl").unlink(missing_ok=True)
+    src = write(tmp_path / "s.de", (MULTI30K / "val.de").read_text(encoding="utf-8").splitlines()[:8])
+    ref = write(tmp_path / "r.en", (MULTI30K / "val.en").read_text(encoding="utf-8").splitlines()[:8])
+    ckpt = str(run / "checkpoint_avg.pt")
+    for checkpoints in ([ckpt], [ckpt, ckpt]):
+        assert main(["eval", "--checkpoint", *checkpoints, "--src", str(src), "--ref", str(ref), "--quiet"]) == 0
+    alone, pair = [json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()]
+    assert alone["checkpoint"] == "checkpoint_avg.pt" and pair["checkpoint"] == f"{ckpt} + {ckpt}"
+    assert pair["bleu"] == alone["bleu"] and pair["chrf"] == alone["chrf"]
