@@ -148,7 +148,7 @@ TRAIN_CASES = [
          expected="{tmp}/c.yaml: model.d_model (30) must be divisible by model.n_heads (4)"),
     case("config-choice-typo", *train("--config", "{tmp}/c.yaml"),
          files=yaml_config("model:\n  norm: pots\n"),
-         expected="model.norm must be one of post, pre, got 'pots' (did you mean 'post'?)"),
+         expected="model.norm must be one of post, pre, rms_pre, got 'pots' (did you mean 'post'?)"),
     case("set-without-equals", *train("--config", TINY, "--set", "model.dropout"),
          expected="--set model.dropout: expected section.key=value"),
     case("set-unknown-section", *train("--config", TINY, "--set", "modle.dropout=0.1"),
