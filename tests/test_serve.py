@@ -56,6 +56,7 @@ def server(translator):
 
 
 def post(url: str, body: dict) -> dict:
+    """POST to the in-process server of the `server` fixture, on 127.0.0.1 (no network)."""
     request = urllib.request.Request(url + "/translate", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as reply:
