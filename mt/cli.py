@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -290,10 +291,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if rank == 0:
         for line in result.summary():
             print(line)
+    code = EXIT_PREEMPTED if result.preempted else 0
     if world > 1:
         torch.distributed.barrier()  # rank 0 may still be writing checkpoints: leave together
         torch.distributed.destroy_process_group()
-    return EXIT_PREEMPTED if result.preempted else 0
+        # Everything is written and the group is gone: skip the interpreter's teardown, where gloo's threads can
+        # abort the process (pytorch PR 179291; a rank died so once in CI, 'terminate called without an active
+        # exception').
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_translate(args: argparse.Namespace) -> int:

@@ -84,7 +84,7 @@ def train_and_score(name: str, settings: dict, run_dir: Path, minutes: float, ar
         print(f"{run_dir}: already trained and scored", file=sys.stderr)
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    if vocab_from is not None:  # the same SentencePiece model for every row, byte for byte
+    if vocab_from is not None and vocab_from != run_dir:  # the same SentencePiece model for every row, byte for byte
         for path in vocab_from.glob("spm.*"):
             shutil.copy2(path, run_dir / path.name)
     sets = [f"run_dir={run_dir}", f"train.max_time_minutes={minutes}",
@@ -171,20 +171,25 @@ def main() -> None:
     def run_dir(name: str, minutes: float) -> Path:
         return args.runs / f"{name}-{minutes:g}min"
 
-    rows = [(f"{ROWS[n][0]}", run_dir(n, args.minutes)) for n in names]
+    def vocab_from() -> Path | None:
+        """A run directory that already holds the SentencePiece model, if any row has learned it."""
+        return next((d for n in ROWS for d in (run_dir(n, args.minutes), run_dir(n, args.hour))
+                     if (d / "spm.model").is_file()), None)
+
     if not args.table_only:
-        vocab_from = None
         for name in names:
-            train_and_score(name, settings[name], run_dir(name, args.minutes), args.minutes, args, vocab_from)
-            vocab_from = vocab_from or run_dir(name, args.minutes)
+            train_and_score(name, settings[name], run_dir(name, args.minutes), args.minutes, args, vocab_from())
+    # The table and the choice of the best row cover every row run so far, also those of earlier invocations.
+    scored = [n for n in ROWS if (run_dir(n, args.minutes) / "scores.jsonl").is_file()]
+    rows = [(ROWS[n][0], run_dir(n, args.minutes)) for n in ROWS if n in names or n in scored]
     if not args.no_hour and args.hour != args.minutes:  # (the same budget would be the same run directories)
-        candidates = [(row_figures(run_dir(n, args.minutes), test)["avg"].get("bleu", -1.0), n) for n in names
-                      if n != "paper" and (run_dir(n, args.minutes) / "scores.jsonl").is_file()]
+        candidates = [(row_figures(run_dir(n, args.minutes), test)["avg"].get("bleu", -1.0), n) for n in scored
+                      if n != "paper"]
         best = max(candidates)[1] if candidates else None
         for name in ["paper"] + ([best] if best else []):
             if not args.table_only:
-                train_and_score(name, settings.get(name) or row_settings(name, cfg.model, cfg.data.vocab_size),
-                                run_dir(name, args.hour), args.hour, args, run_dir(names[0], args.minutes))
+                train_and_score(name, row_settings(name, cfg.model, cfg.data.vocab_size), run_dir(name, args.hour),
+                                args.hour, args, vocab_from())
             rows.append((f"{ROWS[name][0]}, {args.hour:g} min", run_dir(name, args.hour)))
     text = table([(label, d) for label, d in rows if (d / "checkpoint_last.pt").is_file()], test)
     args.runs.mkdir(parents=True, exist_ok=True)

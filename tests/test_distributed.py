@@ -17,7 +17,7 @@ from mt.checkpoint import load_checkpoint
 from conftest import ROOT, write_pairs
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crashed rank prints its Python stack
 
 
 def tiny_run_args(tmp_path, dropout: float, save_every: int) -> list[str]:
@@ -41,7 +41,7 @@ def test_two_gloo_processes_match_one_process_with_update_freq_2(tmp_path):
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29533", "-m", "mt", "train", *common,
                           "--set", f"run_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=ENV)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, ddp.stdout[-1000:] + ddp.stderr[-3000:]
     assert "2 processes: global batch" in ddp.stdout
     a = load_checkpoint(tmp_path / "one" / "checkpoint_last.pt")
     b = load_checkpoint(tmp_path / "two" / "checkpoint_last.pt")
@@ -71,7 +71,7 @@ def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                             "--master_port", "29534", "-m", "mt", "train", *common, "--set", f"run_dir={tmp_path / run}",
                             "--set", f"train.max_steps={steps}", *extra], capture_output=True, text=True, env=ENV)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, r.stdout[-1000:] + r.stderr[-3000:]
 
     torchrun("straight", 6)
     torchrun("resumed", 3)

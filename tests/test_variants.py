@@ -10,13 +10,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
-from mt.checkpoint import (average_checkpoints, build_model, count_parameters, load_checkpoint, load_for_inference,
+from mt.checkpoint import (build_model, count_parameters, load_checkpoint, load_for_inference,
                            step_checkpoints)
 from mt.config import ModelConfig, load_config
 from mt.decoder_only import DecoderOnlyTransformer, prefix_lm_mask
