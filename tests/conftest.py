@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never touch the network. `datasets` and `huggingface_hub` read these once, when first imported, and
 # without them even a local `hf:pairs.jsonl` makes `datasets` send a usage ping (and a hub name retries for
@@ -27,6 +29,21 @@ def write_pairs(prefix: Path, n: int, src: str = "de", tgt: str = "en", split: s
         lines = (MULTI30K / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()[:n]
         Path(f"{prefix}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return prefix
+
+
+def recomputed_greedy(model, src, limit: int, *, bos: int, eos: int, pad: int) -> tuple[list[int], float]:
+    """Greedy search with no cache, the incremental decoder's reference: the full teacher-forced pass over the
+    whole prefix at every step, in float64 log-probs. src (1, S) long. Returns the tokens after BOS (EOS
+    included, forced at `limit` tokens) and their summed log-prob."""
+    prefix, total = [bos], 0.0
+    with torch.no_grad():
+        while prefix[-1] != eos or len(prefix) == 1:
+            lprobs = model(src, torch.tensor([prefix]))[0, -1].double().log_softmax(-1)
+            lprobs[pad] = -math.inf
+            token = eos if len(prefix) == limit else int(lprobs.argmax())
+            total += lprobs[token].item()
+            prefix.append(token)
+    return prefix[1:], total
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ from mt.search import (
     top_k_top_p_filter,
 )
 
+from conftest import recomputed_greedy
+
 PAD, UNK, BOS, EOS, A, B = 0, 1, 2, 3, 4, 5
 V = 6
 WORDS = [t for t in range(V) if t not in (PAD, EOS)]  # what a search may output before EOS
@@ -447,18 +449,10 @@ def test_a_sentence_decoded_alone_or_in_a_batch_gives_the_same_output(model, sea
 def test_cached_decoding_agrees_with_recomputing_the_whole_prefix(model):
     src = sources()
     out = greedy_search(model, src, **IDS, max_len_a=1.0, max_len_b=4)
-    with torch.no_grad():  # reference: no cache, the full teacher-forced pass over the prefix at every step
-        for i in range(src.size(0)):
-            limit = int(src[i].ne(PAD).sum()) + 4
-            prefix, total = [BOS], 0.0
-            while prefix[-1] != EOS or len(prefix) == 1:
-                lprobs = model(src[i:i + 1], torch.tensor([prefix]))[0, -1].double().log_softmax(-1)
-                lprobs[PAD] = -math.inf
-                tok = EOS if len(prefix) == limit else int(lprobs.argmax())
-                total += lprobs[tok].item()
-                prefix.append(tok)
-            assert hyp(out, i) == prefix[1:], i
-            assert out.scores[i, 0].item() == pytest.approx(total, abs=1e-4)
+    for i in range(src.size(0)):
+        tokens, total = recomputed_greedy(model, src[i:i + 1], int(src[i].ne(PAD).sum()) + 4, **IDS)
+        assert hyp(out, i) == tokens, i
+        assert out.scores[i, 0].item() == pytest.approx(total, abs=1e-4)
 
 
 # ---- the CPU fast paths of a search step

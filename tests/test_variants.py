@@ -26,7 +26,7 @@ from mt.model import Transformer, attention_maps
 from mt.search import beam_search, greedy_search, sample
 from mt.variants import RMSNorm, Rotary, SwiGLU
 
-from conftest import ROOT, write_pairs
+from conftest import ROOT, recomputed_greedy, write_pairs
 
 PAD, UNK, BOS, EOS, V = 0, 1, 2, 3, 50
 D, H, FF = 32, 2, 64
@@ -382,18 +382,10 @@ def test_decoder_only_greedy_equals_recomputing_the_whole_sequence_at_every_step
     model = tiny("decoder_only_learned")
     src = sources()
     out = greedy_search(model, src, **IDS, max_len_b=4)
-    with torch.no_grad():
-        for i in range(src.size(0)):
-            limit = int(src[i].ne(PAD).sum()) + 4
-            prefix, total = [BOS], 0.0
-            while prefix[-1] != EOS or len(prefix) == 1:
-                lprobs = model(src[i:i + 1], torch.tensor([prefix]))[0, -1].double().log_softmax(-1)
-                lprobs[PAD] = -math.inf
-                tok = EOS if len(prefix) == limit else int(lprobs.argmax())
-                total += lprobs[tok].item()
-                prefix.append(tok)
-            assert out.tokens[i, 0, :len(prefix) - 1].tolist() == prefix[1:], i
-            assert out.scores[i, 0].item() == pytest.approx(total, abs=1e-4)
+    for i in range(src.size(0)):
+        tokens, total = recomputed_greedy(model, src[i:i + 1], int(src[i].ne(PAD).sum()) + 4, **IDS)
+        assert out.tokens[i, 0, :len(tokens)].tolist() == tokens, i
+        assert out.scores[i, 0].item() == pytest.approx(total, abs=1e-4)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
