@@ -1,7 +1,7 @@
 """The ablation table of issue 19: the 2017 model against later changes, each a Multi30k de->en run of the main
-job's recipe (configs/multi30k.yaml) under the same wall-time budget.
+job's recipe (configs/multi30k.yaml) under the same time budget.
 
-    python scripts/ablation.py                          # the table: 7 rows x 20 minutes, then 2 x 60 minutes
+    python scripts/ablation.py                          # the table: speeds, 7 rows of 20 minutes, 2 of 60
     python scripts/ablation.py --table-only             # the table again from the runs already there
     python scripts/ablation.py --minutes 0.5 --rows paper,swiglu --no-hour --runs runs/ablation-check
 
@@ -12,8 +12,14 @@ bring its parameters nearest the 2017 model's). Every row has the same data, the
 parameter count within 5% of the 2017 model's (checked before anything trains). Then the best row (by
 test BLEU of the averaged checkpoint) and the 2017 model run again for the recipe's full hour.
 
+The budget is in steps, from speeds measured side by side. First every row's seconds per training step are
+measured in one process, the rows taking turns on the same batches (RUNS/speeds.json; kept, so a rerun or a
+resumed row has the same budgets). A row then trains for the steps it makes in --minutes of training at its
+speed (validation and checkpoints not counted), whatever else the machine does meanwhile: a wall-clock
+budget would hand a row the machine's speed at the hour it ran, and a step budget keeps a run deterministic.
+
 Each row runs `mt train` and `mt eval` (test_2016_flickr, beam 4, length penalty 0.6, the last and the
-averaged checkpoint) as subprocesses; the table is read from the runs' metrics.jsonl and scores.jsonl, and
+averaged checkpoint) as subprocesses; the table is read from the runs' checkpoints and scores.jsonl, and
 printed as markdown (and written to RUNS/table.md).
 """
 
@@ -21,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import json
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,9 +85,60 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def train_and_score(name: str, settings: dict, run_dir: Path, minutes: float, args: argparse.Namespace,
+def measure_speeds(settings: dict[str, dict], config: Path, overrides: list[str], vocab_from: Path | None,
+                   rounds: int, steps: int) -> dict:
+    """Each row's seconds per training step and target tokens per second, side by side in this process: one
+    Trainer per row, the same first `steps` batches for all, the rows taking turns for `rounds` rounds after three
+    warm-up steps each; a row's figure is the median of its rounds. Learns the vocabulary where no row has it."""
+    import torch
+
+    from mt.data import prepare_data
+    from mt.train import Trainer
+
+    with tempfile.TemporaryDirectory() as work:
+        if vocab_from is not None:
+            for path in vocab_from.glob("spm.*"):
+                shutil.copy2(path, Path(work) / path.name)
+        base = load_config(config, [f"run_dir={work}", *overrides])
+        data = prepare_data(base.data, work)
+        trainers = {}
+        for name, row in settings.items():
+            trainers[name] = Trainer(load_config(config, [f"run_dir={work}", *(f"model.{k}={v}"
+                                                                               for k, v in row.items()), *overrides]),
+                                     data)
+        batches = []
+        for batch, *_ in next(iter(trainers.values())).micro_batches():
+            batches.append(batch)
+            if len(batches) == steps + 1:
+                break
+        tokens = sum(b.n_tgt_tokens for b in batches[1:])
+        seconds: dict[str, list[float]] = {name: [] for name in trainers}
+        for name, trainer in trainers.items():  # warm-up: first allocations, kernel choices
+            for _ in range(3):
+                trainer.train_step(batches[:1], batches[0].n_tgt_tokens)
+        for i in range(rounds):
+            order = list(trainers) if i % 2 == 0 else list(reversed(trainers))  # no row always first
+            for name in order:
+                trainer = trainers[name]
+                started = time.perf_counter()
+                for batch in batches[1:]:
+                    trainer.train_step([batch], batch.n_tgt_tokens)
+                seconds[name].append((time.perf_counter() - started) / steps)
+                print(f"speed round {i + 1}: {name} {seconds[name][-1]:.3f} s/step", file=sys.stderr, flush=True)
+        return {"rounds": rounds, "steps": steps, "threads": torch.get_num_threads(),
+                "seconds_per_step": {n: statistics.median(t) for n, t in seconds.items()},
+                "tokens_per_s": {n: tokens / steps / statistics.median(t) for n, t in seconds.items()}}
+
+
+def budget_steps(speeds: dict, name: str, minutes: float) -> int:
+    """The steps row `name` trains in `minutes` of training steps at its measured speed."""
+    return max(1, round(minutes * 60 / speeds["seconds_per_step"][name]))
+
+
+def train_and_score(settings: dict, run_dir: Path, steps: int, args: argparse.Namespace,
                     vocab_from: Path | None) -> None:
-    """`mt train` then `mt eval` of the last and the averaged checkpoint, unless the run has its scores."""
+    """`mt train` for `steps` steps, then `mt eval` of the last and the averaged checkpoint, unless the run
+    has its scores already; an interrupted run resumes."""
     if (run_dir / "scores.jsonl").is_file() and len(read_records(run_dir / "scores.jsonl")) >= 2:
         print(f"{run_dir}: already trained and scored", file=sys.stderr)
         return
@@ -87,43 +146,38 @@ def train_and_score(name: str, settings: dict, run_dir: Path, minutes: float, ar
     if vocab_from is not None and vocab_from != run_dir:  # the same SentencePiece model for every row, byte for byte
         for path in vocab_from.glob("spm.*"):
             shutil.copy2(path, run_dir / path.name)
-    sets = [f"run_dir={run_dir}", f"train.max_time_minutes={minutes}",
+    sets = [f"run_dir={run_dir}", f"train.max_steps={steps}", "train.max_time_minutes=0",
             *(f"model.{k}={v}" for k, v in settings.items()), *args.set]
     mt = [sys.executable, "-m", "mt"]
-    resume = ["--resume"] if (run_dir / "checkpoint_last.pt").is_file() else []  # an interrupted row goes on
+    resume = ["--resume"] if (run_dir / "checkpoint_last.pt").is_file() else []
     run([*mt, "train", "--config", str(args.config), *resume, *(a for s in sets for a in ("--set", s))])
     cfg = load_config(args.config, sets)
-    test = cfg.data.test
-    if not test:
+    if not cfg.data.test:
         sys.exit(f"ablation: {args.config} names no data.test to score")
     for checkpoint in ("checkpoint_last.pt", "checkpoint_avg.pt"):
-        run([*mt, "eval", "--checkpoint", str(run_dir / checkpoint), "--src", f"{test}.{cfg.data.src_lang}",
-             "--ref", f"{test}.{cfg.data.tgt_lang}", "--output", str(run_dir / f"test.{checkpoint[:-3]}.hyp")])
+        run([*mt, "eval", "--checkpoint", str(run_dir / checkpoint), "--src", f"{cfg.data.test}.{cfg.data.src_lang}",
+             "--ref", f"{cfg.data.test}.{cfg.data.tgt_lang}", "--output", str(run_dir / f"test.{checkpoint[:-3]}.hyp")])
 
 
 def row_figures(run_dir: Path, test: str) -> dict:
-    """Parameters, tokens/s (the median of the log records, the first left out: it holds the warm-up), steps,
-    and the BLEU on `test` (the source file `mt eval` read) of the last and the averaged checkpoint with their
-    signatures."""
+    """Parameters, layers, steps, and the BLEU on `test` (the source file `mt eval` read) of the last and the
+    averaged checkpoint with their signatures."""
     state = load_checkpoint(run_dir / "checkpoint_last.pt")
     spec = state["model_spec"]
     cfg = from_dict(ModelConfig, spec["cfg"], str(run_dir))
-    training = [r for r in read_records(run_dir / "metrics.jsonl") if "tokens_per_s" in r]
-    speeds = [r["tokens_per_s"] for r in training[1:]] or [r["tokens_per_s"] for r in training]
     scores = {r["checkpoint"]: r for r in read_records(run_dir / "scores.jsonl")
-              if Path(r["test"]).resolve() == Path(ROOT, test).resolve()}  # the latest of each
+              if Path(r["test"]).resolve() == Path(ROOT, test).resolve()} if (run_dir / "scores.jsonl").is_file() else {}
     return {
         "parameters": count_parameters(cfg, spec["src_vocab_size"], spec["tgt_vocab_size"],
                                        spec["share_all_embeddings"]),
-        "tokens_per_s": statistics.median(speeds) if speeds else float("nan"),
         "steps": state["progress"]["step"],
-        "minutes": state["config"]["train"]["max_time_minutes"],
         "last": scores.get("checkpoint_last.pt", {}), "avg": scores.get("checkpoint_avg.pt", {}),
         "layers": cfg.n_layers if cfg.arch == "decoder_only" else f"{cfg.n_layers}+{cfg.decoder_layers}",
     }
 
 
-def table(rows: list[tuple[str, Path]], test: str) -> str:
+def table(rows: list[tuple[str, str, float, Path]], test: str, speeds: dict) -> str:
+    """rows: (label, row name, minutes, run directory)."""
     signatures: list[str] = []
 
     def bleu(score: dict) -> str:
@@ -135,12 +189,13 @@ def table(rows: list[tuple[str, Path]], test: str) -> str:
 
     lines = ["| row | layers | parameters | tokens/s | minutes | steps | BLEU last | BLEU averaged |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for label, run_dir in rows:
+    for label, name, minutes, run_dir in rows:
         f = row_figures(run_dir, test)
-        speed = "-" if math.isnan(f["tokens_per_s"]) else f"{f['tokens_per_s']:,.0f}"  # no log step reached
-        lines.append(f"| {label} | {f['layers']} | {f['parameters'] / 1e6:.2f}M | {speed} | "
-                     f"{f['minutes']:g} | {f['steps']:,} | {bleu(f['last'])} | {bleu(f['avg'])} |")
+        lines.append(f"| {label} | {f['layers']} | {f['parameters'] / 1e6:.2f}M | {speeds['tokens_per_s'][name]:,.0f} | "
+                     f"{minutes:g} | {f['steps']:,} | {bleu(f['last'])} | {bleu(f['avg'])} |")
     lines.append("")
+    lines.append(f"tokens/s: target tokens per second of training steps, measured side by side ({speeds['rounds']} "
+                 f"rounds of {speeds['steps']} steps, {speeds['threads']} threads); steps: `minutes` of them.")
     lines += [f"[{i}] sacreBLEU {s}" for i, s in enumerate(signatures, start=1)]
     return "\n".join(lines)
 
@@ -151,10 +206,12 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "multi30k.yaml")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablation", help="one run directory per row")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
-    parser.add_argument("--minutes", type=float, default=20.0, help="each row's training budget")
+    parser.add_argument("--minutes", type=float, default=20.0, help="each row's budget of training steps")
     parser.add_argument("--hour", type=float, default=60.0, help="the budget of the best row's and the 2017 model's "
                         "second run (the recipe's full hour)")
     parser.add_argument("--no-hour", action="store_true", help="skip the second, longer runs")
+    parser.add_argument("--speed-rounds", type=int, default=5)
+    parser.add_argument("--speed-steps", type=int, default=10, help="training steps per row and round")
     parser.add_argument("--table-only", action="store_true", help="print the table of the runs already there")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an override for every row (the same for all, so the rows stay comparable)")
@@ -165,7 +222,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     cfg = load_config(args.config, args.set)
-    settings = plan(names, cfg.model, cfg.data.vocab_size)
+    settings = plan(list(ROWS), cfg.model, cfg.data.vocab_size)
     test = f"{cfg.data.test}.{cfg.data.src_lang}"  # what each row's `mt eval --src` reads
 
     def run_dir(name: str, minutes: float) -> Path:
@@ -176,22 +233,38 @@ def main() -> None:
         return next((d for n in ROWS for d in (run_dir(n, args.minutes), run_dir(n, args.hour))
                      if (d / "spm.model").is_file()), None)
 
+    speeds_path = args.runs / "speeds.json"
+    if speeds_path.is_file():
+        speeds = json.loads(speeds_path.read_text(encoding="utf-8"))
+    elif args.table_only:
+        sys.exit(f"ablation: no {speeds_path} yet")
+    else:
+        if vocab_from() is None:  # the first row learns the vocabulary, which the speeds need
+            first = run_dir(names[0], args.minutes)
+            first.mkdir(parents=True, exist_ok=True)
+            run([sys.executable, "-m", "mt", "train", "--config", str(args.config), "--prepare-only",
+                 "--set", f"run_dir={first}", *(a for s in args.set for a in ("--set", s))])
+        speeds = measure_speeds(settings, args.config, args.set, vocab_from(), args.speed_rounds, args.speed_steps)
+        args.runs.mkdir(parents=True, exist_ok=True)
+        speeds_path.write_text(json.dumps(speeds, indent=1) + "\n", encoding="utf-8")
+
     if not args.table_only:
         for name in names:
-            train_and_score(name, settings[name], run_dir(name, args.minutes), args.minutes, args, vocab_from())
+            train_and_score(settings[name], run_dir(name, args.minutes), budget_steps(speeds, name, args.minutes),
+                            args, vocab_from())
     # The table and the choice of the best row cover every row run so far, also those of earlier invocations.
     scored = [n for n in ROWS if (run_dir(n, args.minutes) / "scores.jsonl").is_file()]
-    rows = [(ROWS[n][0], run_dir(n, args.minutes)) for n in ROWS if n in names or n in scored]
+    rows = [(ROWS[n][0], n, args.minutes, run_dir(n, args.minutes)) for n in ROWS if n in names or n in scored]
     if not args.no_hour and args.hour != args.minutes:  # (the same budget would be the same run directories)
         candidates = [(row_figures(run_dir(n, args.minutes), test)["avg"].get("bleu", -1.0), n) for n in scored
                       if n != "paper"]
         best = max(candidates)[1] if candidates else None
         for name in ["paper"] + ([best] if best else []):
             if not args.table_only:
-                train_and_score(name, row_settings(name, cfg.model, cfg.data.vocab_size), run_dir(name, args.hour),
-                                args.hour, args, vocab_from())
-            rows.append((f"{ROWS[name][0]}, {args.hour:g} min", run_dir(name, args.hour)))
-    text = table([(label, d) for label, d in rows if (d / "checkpoint_last.pt").is_file()], test)
+                train_and_score(settings[name], run_dir(name, args.hour), budget_steps(speeds, name, args.hour), args,
+                                vocab_from())
+            rows.append((f"{ROWS[name][0]}, {args.hour:g} min", name, args.hour, run_dir(name, args.hour)))
+    text = table([row for row in rows if (row[3] / "checkpoint_last.pt").is_file()], test, speeds)
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / "table.md").write_text(text + "\n", encoding="utf-8")
     print(text)
