@@ -5,6 +5,12 @@ job's recipe (configs/multi30k.yaml) under the same time budget.
     python scripts/ablation.py --table-only             # the table again from the runs already there
     python scripts/ablation.py --minutes 0.5 --rows paper,swiglu --no-hour --runs runs/ablation-check
 
+On a 2-core CPU two rows at a time, one thread each, train about half as fast again as one row on two threads
+(once speeds.json exists; the budgets are steps, so each row trains the steps it would alone):
+
+    OMP_NUM_THREADS=1 taskset -c 0 python scripts/ablation.py --rows paper,swiglu,rmsnorm,decoder_only --no-hour &
+    OMP_NUM_THREADS=1 taskset -c 1 python scripts/ablation.py --rows pre_norm,rope,all_three --no-hour
+
 Rows: the 2017 model (post-norm, ReLU, sinusoids, encoder-decoder), pre-norm, RMSNorm (pre-norm placement),
 SwiGLU, RoPE, all three of RMSNorm + SwiGLU + RoPE, and decoder-only (a prefix LM with as many layers as
 bring its parameters nearest the 2017 model's). Every row has the same data, the same SentencePiece model
