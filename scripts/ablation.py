@@ -6,8 +6,9 @@ job's recipe (configs/multi30k.yaml) under the same time budget.
     python scripts/ablation.py --minutes 0.5 --rows paper,swiglu --no-hour --runs runs/ablation-check
 
 On a 2-core CPU two rows at a time, one thread each, train about half as fast again as one row on two threads
-(once speeds.json exists; the budgets are steps, so each row trains the steps it would alone):
+(the budgets are steps, so each row trains the steps it would alone); measure the speeds first:
 
+    python scripts/ablation.py --speeds-only
     OMP_NUM_THREADS=1 taskset -c 0 python scripts/ablation.py --rows paper,swiglu,rmsnorm,decoder_only --no-hour &
     OMP_NUM_THREADS=1 taskset -c 1 python scripts/ablation.py --rows pre_norm,rope,all_three --no-hour
 
@@ -16,7 +17,7 @@ SwiGLU, RoPE, all three of RMSNorm + SwiGLU + RoPE, and decoder-only (a prefix L
 bring its parameters nearest the 2017 model's). Every row has the same data, the same SentencePiece model
 (learned once, by the first row, and copied into the others' run directories), the same seed, and a
 parameter count within 5% of the 2017 model's (checked before anything trains). Then the best row (by
-test BLEU of the averaged checkpoint) and the 2017 model run again for the recipe's full hour.
+test BLEU of the averaged checkpoint) and the 2017 model run again for the recipe's hour (of training steps).
 
 The budget is in steps, from speeds measured side by side. First every row's seconds per training step are
 measured in one process, the rows taking turns on the same batches (RUNS/speeds.json; kept, so a rerun or a
@@ -33,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -91,6 +94,14 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
+def copy_vocabulary(source: Path, run_dir: Path) -> None:
+    """The SentencePiece files of `source` into `run_dir`, each written whole (another invocation may read it)."""
+    for path in source.glob("spm.*"):
+        partial = run_dir / f".{path.name}.partial"
+        shutil.copy2(path, partial)
+        os.replace(partial, run_dir / path.name)
+
+
 def measure_speeds(settings: dict[str, dict], config: Path, overrides: list[str], vocab_from: Path | None,
                    rounds: int, steps: int) -> dict:
     """Each row's seconds per training step and target tokens per second, side by side in this process: one
@@ -103,8 +114,7 @@ def measure_speeds(settings: dict[str, dict], config: Path, overrides: list[str]
 
     with tempfile.TemporaryDirectory() as work:
         if vocab_from is not None:
-            for path in vocab_from.glob("spm.*"):
-                shutil.copy2(path, Path(work) / path.name)
+            copy_vocabulary(vocab_from, Path(work))
         base = load_config(config, [f"run_dir={work}", *overrides])
         data = prepare_data(base.data, work)
         trainers = {}
@@ -112,23 +122,21 @@ def measure_speeds(settings: dict[str, dict], config: Path, overrides: list[str]
             trainers[name] = Trainer(load_config(config, [f"run_dir={work}", *(f"model.{k}={v}"
                                                                                for k, v in row.items()), *overrides]),
                                      data)
-        batches = []
-        for batch, *_ in next(iter(trainers.values())).micro_batches():
-            batches.append(batch)
-            if len(batches) == steps + 1:
-                break
-        tokens = sum(b.n_tgt_tokens for b in batches[1:])
+        first = next(iter(trainers.values()))
+        micro_batches = first.micro_batches()
+        updates = [first.next_update(micro_batches)[:2] for _ in range(steps + 1)]  # (batches, target tokens)
+        tokens = sum(n for _, n in updates[1:])
         seconds: dict[str, list[float]] = {name: [] for name in trainers}
         for name, trainer in trainers.items():  # warm-up: first allocations, kernel choices
             for _ in range(3):
-                trainer.train_step(batches[:1], batches[0].n_tgt_tokens)
+                trainer.train_step(*updates[0])
         for i in range(rounds):
             order = list(trainers) if i % 2 == 0 else list(reversed(trainers))  # no row always first
             for name in order:
                 trainer = trainers[name]
                 started = time.perf_counter()
-                for batch in batches[1:]:
-                    trainer.train_step([batch], batch.n_tgt_tokens)
+                for update in updates[1:]:
+                    trainer.train_step(*update)
                 seconds[name].append((time.perf_counter() - started) / steps)
                 print(f"speed round {i + 1}: {name} {seconds[name][-1]:.3f} s/step", file=sys.stderr, flush=True)
         return {"rounds": rounds, "steps": steps, "threads": torch.get_num_threads(),
@@ -145,13 +153,16 @@ def train_and_score(settings: dict, run_dir: Path, steps: int, args: argparse.Na
                     vocab_from: Path | None) -> None:
     """`mt train` for `steps` steps, then `mt eval` of the last and the averaged checkpoint, unless the run
     has its scores already; an interrupted run resumes."""
+    if (run_dir / "checkpoint_last.pt").is_file():
+        trained_for = load_checkpoint(run_dir / "checkpoint_last.pt")["config"]["train"]["max_steps"]
+        if trained_for != steps:
+            sys.exit(f"ablation: {run_dir} trains for {trained_for} steps, the budget is now {steps}: move it away")
     if (run_dir / "scores.jsonl").is_file() and len(read_records(run_dir / "scores.jsonl")) >= 2:
         print(f"{run_dir}: already trained and scored", file=sys.stderr)
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     if vocab_from is not None and vocab_from != run_dir:  # the same SentencePiece model for every row, byte for byte
-        for path in vocab_from.glob("spm.*"):
-            shutil.copy2(path, run_dir / path.name)
+        copy_vocabulary(vocab_from, run_dir)
     sets = [f"run_dir={run_dir}", f"train.max_steps={steps}", "train.max_time_minutes=0",
             *(f"model.{k}={v}" for k, v in settings.items()), *args.set]
     mt = [sys.executable, "-m", "mt"]
@@ -214,11 +225,13 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     parser.add_argument("--minutes", type=float, default=20.0, help="each row's budget of training steps")
     parser.add_argument("--hour", type=float, default=60.0, help="the budget of the best row's and the 2017 model's "
-                        "second run (the recipe's full hour)")
+                        "second run (the recipe's hour, in minutes of training steps)")
     parser.add_argument("--no-hour", action="store_true", help="skip the second, longer runs")
     parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--speed-steps", type=int, default=10, help="training steps per row and round")
     parser.add_argument("--table-only", action="store_true", help="print the table of the runs already there")
+    parser.add_argument("--speeds-only", action="store_true", help="learn the vocabulary and measure the speeds, "
+                        "then stop (before starting two invocations at once)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an override for every row (the same for all, so the rows stay comparable)")
     args = parser.parse_args()
@@ -240,19 +253,33 @@ def main() -> None:
                      if (d / "spm.model").is_file()), None)
 
     speeds_path = args.runs / "speeds.json"
-    if speeds_path.is_file():
+    measured_for = {"config": str(args.config), "set": args.set}  # the speeds hold for this recipe only
+    if args.table_only:
+        if not speeds_path.is_file():
+            sys.exit(f"ablation: no {speeds_path} yet")
         speeds = json.loads(speeds_path.read_text(encoding="utf-8"))
-    elif args.table_only:
-        sys.exit(f"ablation: no {speeds_path} yet")
     else:
-        if vocab_from() is None:  # the first row learns the vocabulary, which the speeds need
-            first = run_dir(names[0], args.minutes)
-            first.mkdir(parents=True, exist_ok=True)
-            run([sys.executable, "-m", "mt", "train", "--config", str(args.config), "--prepare-only",
-                 "--set", f"run_dir={first}", *(a for s in args.set for a in ("--set", s))])
-        speeds = measure_speeds(settings, args.config, args.set, vocab_from(), args.speed_rounds, args.speed_steps)
         args.runs.mkdir(parents=True, exist_ok=True)
-        speeds_path.write_text(json.dumps(speeds, indent=1) + "\n", encoding="utf-8")
+        with open(args.runs / ".lock", "w") as lock:  # two invocations at once: one learns and measures
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if vocab_from() is None:  # the first row learns the vocabulary, which the speeds need
+                first = run_dir(names[0], args.minutes)
+                first.mkdir(parents=True, exist_ok=True)
+                run([sys.executable, "-m", "mt", "train", "--config", str(args.config), "--prepare-only",
+                     "--set", f"run_dir={first}", *(a for s in args.set for a in ("--set", s))])
+            if not speeds_path.is_file():
+                speeds = measure_speeds(settings, args.config, args.set, vocab_from(), args.speed_rounds,
+                                        args.speed_steps) | {"measured_for": measured_for}
+                partial = speeds_path.with_suffix(".partial")
+                partial.write_text(json.dumps(speeds, indent=1) + "\n", encoding="utf-8")
+                os.replace(partial, speeds_path)
+        speeds = json.loads(speeds_path.read_text(encoding="utf-8"))
+        if speeds.get("measured_for", measured_for) != measured_for:
+            sys.exit(f"ablation: {speeds_path} was measured for {speeds['measured_for']}, not {measured_for}; "
+                     "use another --runs")
+        if args.speeds_only:
+            print(json.dumps(speeds, indent=1))
+            return
 
     if not args.table_only:
         for name in names:
@@ -270,7 +297,7 @@ def main() -> None:
                 train_and_score(settings[name], run_dir(name, args.hour), budget_steps(speeds, name, args.hour), args,
                                 vocab_from())
             rows.append((f"{ROWS[name][0]}, {args.hour:g} min", name, args.hour, run_dir(name, args.hour)))
-    text = table([row for row in rows if (row[3] / "checkpoint_last.pt").is_file()], test, speeds)
+    text = table([row for row in rows if (row[3] / "scores.jsonl").is_file()], test, speeds)  # not the rows in training
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / "table.md").write_text(text + "\n", encoding="utf-8")
     print(text)
