@@ -115,13 +115,11 @@ def measure_speeds(settings: dict[str, dict], config: Path, overrides: list[str]
     with tempfile.TemporaryDirectory() as work:
         if vocab_from is not None:
             copy_vocabulary(vocab_from, Path(work))
-        base = load_config(config, [f"run_dir={work}", *overrides])
-        data = prepare_data(base.data, work)
-        trainers = {}
-        for name, row in settings.items():
-            trainers[name] = Trainer(load_config(config, [f"run_dir={work}", *(f"model.{k}={v}"
-                                                                               for k, v in row.items()), *overrides]),
-                                     data)
+        def row_config(row: dict):
+            return load_config(config, [f"run_dir={work}", *(f"model.{k}={v}" for k, v in row.items()), *overrides])
+
+        data = prepare_data(row_config({}).data, work)
+        trainers = {name: Trainer(row_config(row), data) for name, row in settings.items()}
         first = next(iter(trainers.values()))
         micro_batches = first.micro_batches()
         updates = [first.next_update(micro_batches)[:2] for _ in range(steps + 1)]  # (batches, target tokens)
