@@ -12,6 +12,11 @@ On a 2-core CPU two rows at a time, one thread each, train about half as fast ag
     OMP_NUM_THREADS=1 taskset -c 0 python scripts/ablation.py --rows paper,swiglu,rmsnorm,decoder_only --no-hour &
     OMP_NUM_THREADS=1 taskset -c 1 python scripts/ablation.py --rows pre_norm,rope,all_three --no-hour
 
+and then the two hour runs the same way, one each (`--rows ''` trains no 20-minute row; `best` is the best scored row):
+
+    OMP_NUM_THREADS=1 taskset -c 0 python scripts/ablation.py --rows '' --hour-rows paper &
+    OMP_NUM_THREADS=1 taskset -c 1 python scripts/ablation.py --rows '' --hour-rows best
+
 Rows: the 2017 model (post-norm, ReLU, sinusoids, encoder-decoder), pre-norm, RMSNorm (pre-norm placement),
 SwiGLU, RoPE, all three of RMSNorm + SwiGLU + RoPE, and decoder-only (a prefix LM with as many layers as
 bring its parameters nearest the 2017 model's). Every row has the same data, the same SentencePiece model
@@ -225,6 +230,8 @@ def main() -> None:
     parser.add_argument("--hour", type=float, default=60.0, help="the budget of the best row's and the 2017 model's "
                         "second run (the recipe's hour, in minutes of training steps)")
     parser.add_argument("--no-hour", action="store_true", help="skip the second, longer runs")
+    parser.add_argument("--hour-rows", default="paper,best", help="the rows run again for --hour, comma-separated; "
+                        "`best` is the scored row with the best averaged BLEU other than the 2017 model")
     parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--speed-steps", type=int, default=10, help="training steps per row and round")
     parser.add_argument("--table-only", action="store_true", help="print the table of the runs already there")
@@ -235,7 +242,8 @@ def main() -> None:
     args = parser.parse_args()
     args.config, args.runs = args.config.resolve(), args.runs.resolve()  # the subprocesses run in ROOT
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROWS]
+    hour_names = [n.strip() for n in args.hour_rows.split(",") if n.strip()]
+    unknown = [n for n in names + hour_names if n not in ROWS and n != "best"]
     if unknown:
         parser.error(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     cfg = load_config(args.config, args.set)
@@ -261,7 +269,7 @@ def main() -> None:
         with open(args.runs / ".lock", "w") as lock:  # two invocations at once: one learns and measures
             fcntl.flock(lock, fcntl.LOCK_EX)
             if vocab_from() is None:  # the first row learns the vocabulary, which the speeds need
-                first = run_dir(names[0], args.minutes)
+                first = run_dir(names[0] if names else "paper", args.minutes)
                 first.mkdir(parents=True, exist_ok=True)
                 run([sys.executable, "-m", "mt", "train", "--config", str(args.config), "--prepare-only",
                      "--set", f"run_dir={first}", *(a for s in args.set for a in ("--set", s))])
@@ -290,8 +298,13 @@ def main() -> None:
         candidates = [(row_figures(run_dir(n, args.minutes), test)["avg"].get("bleu", -1.0), n) for n in scored
                       if n != "paper"]
         best = max(candidates)[1] if candidates else None
-        for name in ["paper"] + ([best] if best else []):
-            if not args.table_only:
+        chosen = [m for m in (best if n == "best" else n for n in hour_names) if m]
+        # The table lists both hour rows whichever one this invocation trains.
+        listed = [n for n in ["paper", best] + chosen if n]
+        for name in dict.fromkeys(listed):
+            if name not in chosen and not (run_dir(name, args.hour) / "scores.jsonl").is_file():
+                continue
+            if not args.table_only and name in chosen:
                 train_and_score(settings[name], run_dir(name, args.hour), budget_steps(speeds, name, args.hour), args,
                                 vocab_from())
             rows.append((f"{ROWS[name][0]}, {args.hour:g} min", name, args.hour, run_dir(name, args.hour)))
