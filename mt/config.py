@@ -57,7 +57,7 @@ class ModelConfig:
 
     d_model: int = 512
     n_heads: int = 8
-    n_layers: int = 6  # encoder layers
+    n_layers: int = 6  # encoder layers (decoder-only: the one stack's; n_decoder_layers is then unused)
     n_decoder_layers: Optional[int] = None  # None: same as n_layers
     d_ff: int = 2048
     dropout: float = 0.1  # P_drop: on sub-layer outputs and on embedding + position sums (Section 5.4)
@@ -75,7 +75,9 @@ class ModelConfig:
     arch: str = "encoder_decoder"
     tie_embeddings: bool = True  # Section 3.4: target embedding = pre-softmax projection
     embed_init: str = "xavier"  # xavier: Xavier-uniform, as every matrix | normal: N(0, d_model^-0.5), as fairseq
-    max_positions: int = 1024  # sinusoid table size; extended on demand for longer inputs
+    # sinusoidal: the table's first size (extended on demand); learned: the most positions a sentence (decoder-only:
+    # source and target together) may have; rope: the rotation table's first size
+    max_positions: int = 1024
     activation_checkpointing: bool = False
 
     @property
@@ -406,6 +408,11 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     if model.positions == "rope" and (model.d_model // model.n_heads) % 2:
         raise bad("model.positions", f"rope rotates pairs of dimensions: the head width d_model / n_heads "
                   f"({model.d_model // model.n_heads}) must be even")
+    if model.positions == "learned":  # a training pair must fit the table: the source + EOS, BOS + the target
+        needed = (data.max_len + 1) * (2 if model.arch == "decoder_only" else 1)
+        if model.max_positions < needed:
+            raise bad("model.max_positions", f"({model.max_positions}) has no room for the longest training pair "
+                      f"(data.max_len {data.max_len}): learned positions need {needed}")
     if model.swiglu_d_ff is not None and model.swiglu_d_ff <= 0:
         raise bad("model.swiglu_d_ff", f"must be positive, got {model.swiglu_d_ff}")
     if model.arch == "decoder_only" and not data.joint_vocab:

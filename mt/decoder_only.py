@@ -117,6 +117,10 @@ class DecoderOnlyTransformer(nn.Module):
 
     # ---- incremental decoding: the source prefix once, then one target position per call
 
+    def target_room(self, src: Tensor) -> int | None:
+        """As `Transformer.target_room`; the source prefix (padded to S) takes positions too."""
+        return self.cfg.max_positions - src.size(1) if self.cfg.positions == "learned" else None
+
     def start_decoding(self, src: Tensor, max_len: int | None = None, beam_size: int = 1) -> DecoderState:
         """src (N, S) long -> the state before the first target step, for B = N * beam_size rows (row
         n * beam_size + j decodes sentence n): each layer's self-attention cache holds the source's keys and

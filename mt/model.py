@@ -438,7 +438,7 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
-            else:  # LayerNorm gains
+            else:  # LayerNorm and RMSNorm gains
                 nn.init.ones_(p)
         if self.cfg.embed_init == "normal":
             for matrix in (self.src_embed.embed.weight, self.tgt_embed.embed.weight, self.output.weight):
@@ -485,6 +485,11 @@ class Transformer(nn.Module):
         return self.decode(tgt_in, memory, src_pad)
 
     # ---- incremental decoding: encode once, then one target position per call (for search, under no_grad)
+
+    def target_room(self, src: Tensor) -> int | None:
+        """The most target tokens (EOS included) a search may produce for src (N, S): with learned positions,
+        model.max_positions (the last token predicted is never fed back); None where positions never run out."""
+        return self.cfg.max_positions if self.cfg.positions == "learned" else None
 
     def start_decoding(self, src: Tensor, max_len: int | None = None, beam_size: int = 1) -> DecoderState:
         """src (N, S) long -> the decoder's state before its first step, for B = N * beam_size rows (row

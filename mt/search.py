@@ -132,12 +132,15 @@ def _force_(lprobs: Tensor, forced: Tensor, pad: int) -> Tensor:
     return lprobs
 
 
-def _limits(src: Tensor, prefix: Tensor | None, pad: int, max_len_a: float, max_len_b: int) -> Tensor:
-    """`max_lengths`, raised where a prefix needs more: its tokens and an EOS. -> (batch,) long."""
+def _limits(model, src: Tensor, prefix: Tensor | None, pad: int, max_len_a: float, max_len_b: int) -> Tensor:
+    """`max_lengths`, raised where a prefix needs more (its tokens and an EOS), then capped at the target
+    tokens the model has positions for (`target_room`, as fairseq caps at its decoder's max positions),
+    so that a search never runs past a learned position table. -> (batch,) long."""
     limit = max_lengths(src, pad, max_len_a, max_len_b)
-    if prefix is None:
-        return limit
-    return torch.maximum(limit, prefix.ne(pad).sum(1) + 1)
+    if prefix is not None:
+        limit = torch.maximum(limit, prefix.ne(pad).sum(1) + 1)
+    room = getattr(model, "target_room", lambda src: None)(src)  # test stubs and exported models have none
+    return limit if room is None else limit.clamp(max=max(room, 1))
 
 
 def _limit_range(limit: Tensor) -> tuple[int, int]:
@@ -214,6 +217,11 @@ class Ensemble:
     def start_decoding(self, src: Tensor, max_len: int | None = None, beam_size: int = 1) -> EnsembleState:
         return EnsembleState([m.start_decoding(src, max_len, beam_size) for m in self.models])
 
+    def target_room(self, src: Tensor) -> int | None:
+        """The fewest target tokens any model has positions for (None: no limit)."""
+        rooms = [room for m in self.models if (room := m.target_room(src)) is not None]
+        return min(rooms, default=None)
+
     def decode_step(self, tokens: Tensor, state: EnsembleState) -> Tensor:
         """tokens (B,) -> (B, V) float32, the mean of the models' log-probabilities."""
         lprobs = [F.log_softmax(m.decode_step(tokens, s).float(), dim=-1) for m, s in zip(self.models, state.states)]
@@ -230,7 +238,7 @@ def _one_token_at_a_time(model, src: Tensor, choose, *, bos: int, eos: int, pad:
     Rows that emitted EOS leave the batch (`state.select`) at the next host read; the loop ends when none is
     left."""
     B, device = src.size(0), src.device
-    limit = _limits(src, prefix, pad, max_len_a, max_len_b)  # (B,)
+    limit = _limits(model, src, prefix, pad, max_len_a, max_len_b)  # (B,)
     shortest, steps = _limit_range(limit)  # one read before the loop; steps: the buffers' width
     state = model.start_decoding(src, steps)
     tokens = torch.full((B, steps), pad, dtype=torch.long, device=device)
@@ -331,7 +339,7 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
         raise ValueError(f"need 1 <= nbest <= beam_size, got nbest={nbest}, beam_size={beam_size}")
     K = beam_size
     B, device = src.size(0), src.device
-    limit = _limits(src, prefix, pad, max_len_a, max_len_b)  # (B,)
+    limit = _limits(model, src, prefix, pad, max_len_a, max_len_b)  # (B,)
     shortest, steps = _limit_range(limit)  # one read before the loop; steps: the buffers' width
     lp = length_penalty(torch.arange(steps + 2, device=device), alpha)  # (steps + 2,) lp of each length
     lp_limit = lp[limit]  # (B,)

@@ -186,6 +186,15 @@ def translate_lines(translator: Translator, lines: list[str]) -> list[str]:
 # ---- word alignments from the cross-attention
 
 
+def why_no_alignments(translator: Translator) -> str | None:
+    """Why `align` cannot serve this translator, in one line; None when it can."""
+    if not translator.members:
+        return "alignments need mt's own model (not an exported one)"
+    if any(m.cfg.arch == "decoder_only" for m in translator.members):
+        return "alignments come from cross-attention, which a decoder_only model has not"
+    return None
+
+
 def align(translator: Translator, src_ids: list[int], hyps: list[Hypothesis]) -> None:
     """Fill each hypothesis's `alignment` and `attention` from one teacher-forced pass per model over the
     source (ids without EOS) and the hypotheses.
@@ -193,8 +202,10 @@ def align(translator: Translator, src_ids: list[int], hyps: list[Hypothesis]) ->
     The attention is the last decoder layer's cross-attention averaged over heads (fairseq's default) and
     over the ensemble's models; row t is the attention while predicting target piece t. A target word is
     aligned to the source word its pieces attend to most (a word's first piece starts with U+2581)."""
-    if not hyps or not translator.members:
-        raise MTError("alignments need mt's own model (not an exported one)")
+    if (reason := why_no_alignments(translator)) is not None:
+        raise MTError(reason)
+    if not hyps:
+        return
     device = translator.device
     src = torch.tensor([src_ids + [EOS]] * len(hyps), device=device)
     tgt_in = _pad([[BOS] + h.tokens for h in hyps]).to(device)  # (n, 1 + longest)
@@ -278,6 +289,8 @@ def translate_stream(translator: Translator, input: str = "-", output: str = "-"
         buffer_lines = 1 if input == "-" and sys.stdin.isatty() else CHUNK_LINES
     if buffer_lines < 1:
         raise MTError(f"--buffer-lines must be at least 1, got {buffer_lines}")
+    if alignment and (reason := why_no_alignments(translator)) is not None:
+        raise MTError(f"--alignment: {reason}")  # before a line is translated, not after the first chunk
     lines = read_lines(input)
     pairs = _with_prefixes(lines, input, prefix) if prefix else ((line, None) for line in lines)
     count = 0

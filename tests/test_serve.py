@@ -17,7 +17,9 @@ from fastapi.testclient import TestClient
 
 import mt.serve.app as app_module
 from mt.serve.app import Limits, create_app
-from mt.translate import load_translator, translate_lines, translate_nbest
+from mt.decoder_only import DecoderOnlyTransformer
+from mt.errors import MTError
+from mt.translate import load_translator, translate_lines, translate_nbest, translate_stream
 
 from conftest import MULTI30K
 
@@ -126,6 +128,24 @@ def test_a_failing_search_is_a_500_and_the_next_request_is_served(client, monkey
     reply = client.post("/translate", json={"text": "ein Hund"})
     assert reply.status_code == 500 and reply.json()["error"] == "search failed: RuntimeError: out of memory"
     assert client.post("/translate", json={"text": "ein Hund"}).status_code == 200
+
+
+def test_a_decoder_only_model_is_served_and_refuses_alignments_with_a_422(translator, tmp_path):
+    model = DecoderOnlyTransformer(dataclasses.replace(translator.model.cfg, arch="decoder_only"),
+                                   len(translator.vocab.src), len(translator.vocab.tgt), share_all_embeddings=True).eval()
+    decoder_only = dataclasses.replace(translator, model=model, members=[model])
+    client = TestClient(create_app(decoder_only))
+    assert client.get("/health").json()["alignment"] is False
+    assert client.get("/health").json() | {"alignment": True} == TestClient(create_app(translator)).get("/health").json()
+    reply = client.post("/translate", json={"text": ["ein Hund", "zwei Hunde"], "alignment": True})
+    assert reply.status_code == 422 and "cross-attention" in reply.json()["error"]
+    reply = client.post("/translate", json={"text": ["ein Hund", "zwei Hunde"]})
+    assert reply.status_code == 200
+    assert [t["text"] for t in reply.json()["translations"]] == translate_lines(decoder_only, ["ein Hund", "zwei Hunde"])
+    (tmp_path / "in.de").write_text("ein Hund\n", encoding="utf-8")
+    with pytest.raises(MTError, match="--alignment: alignments come from cross-attention"):
+        translate_stream(decoder_only, str(tmp_path / "in.de"), str(tmp_path / "out"), alignment=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_concurrent_callers_each_get_their_own_answers_from_shared_batches(server, translator):

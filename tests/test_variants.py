@@ -336,6 +336,28 @@ def test_learned_positions_refuse_inputs_longer_than_they_have():
         model(torch.randint(4, V, (1, 9)), torch.full((1, 2), BOS))
 
 
+@pytest.mark.parametrize("variant", ["learned", "decoder_only_learned"])
+def test_search_stops_at_the_last_learned_position_instead_of_failing(variant):
+    model = tiny(variant, max_positions=12)
+    src = batch()[0]  # (3, 7): a limit of 7 + 50 tokens, far past the table
+    room = 12 if variant == "learned" else 12 - src.size(1)
+    for out in (greedy_search(model, src, **IDS, max_len_b=50, min_len=60),
+                beam_search(model, src, **IDS, beam_size=2, max_len_b=50, min_len=60)):
+        # min_len past the room: every output runs to the table's end and stops there with EOS
+        assert out.lengths.flatten().tolist() == [room] * src.size(0)
+        assert (out.tokens[:, 0, room - 1] == EOS).all()
+
+
+def test_learned_positions_must_hold_the_longest_training_pair():
+    tiny_yaml = ROOT / "configs" / "tiny.yaml"
+    with pytest.raises(MTError, match=r"model.max_positions \(60\) has no room .* learned positions need 61"):
+        load_config(tiny_yaml, ["model.positions=learned", "model.max_positions=60", "data.max_len=60"])
+    with pytest.raises(MTError, match="learned positions need 122"):
+        load_config(tiny_yaml, ["model.positions=learned", "model.arch=decoder_only", "model.max_positions=121",
+                                "data.max_len=60", "data.joint_vocab=true"])
+    assert load_config(tiny_yaml, ["model.positions=learned", "model.max_positions=61", "data.max_len=60"])
+
+
 # ---- search on the decoder-only model: the same greedy, beam and sampling
 
 
@@ -511,7 +533,7 @@ def test_a_variant_trains_resumes_exactly_averages_translates_and_is_refused_by_
     assert len(hyps) == 3 and hyps[1] == ""
     # Word alignments read the cross-attention: the encoder-decoder variants have it, decoder-only refuses.
     if "decoder_only" in variant:
-        with pytest.raises(MTError, match="not for decoder_only"):
+        with pytest.raises(MTError, match="cross-attention, which a decoder_only model has not"):
             translate_nbest(translator, ["Ein Mann fährt Fahrrad."], alignment=True)
     else:
         assert translate_nbest(translator, ["Ein Mann fährt Fahrrad."], alignment=True)[0][0].alignment is not None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mt.errors import MTError
 from mt.runtime import decode_batch_tokens
-from mt.translate import Hypothesis, Translator, align, translate_nbest
+from mt.translate import Hypothesis, Translator, align, translate_nbest, why_no_alignments
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ def parse_request(body: bytes, translator: Translator, limits: Limits) -> Job:
     alignment = request.get("alignment", False)
     if not isinstance(alignment, bool):
         raise BadRequest(422, "'alignment' must be true or false")
+    if alignment and (reason := why_no_alignments(translator)) is not None:
+        raise BadRequest(422, f"'alignment': {reason}")
     if "\n" in "".join(lines):
         raise BadRequest(422, "a sentence of 'text' contains a line break; send one sentence per list item")
     lengths = [len(ids) for ids in translator.vocab.src.encode(lines)]
@@ -239,7 +241,7 @@ def create_app(translator: Translator, limits: Limits | None = None, name: str =
     async def health() -> dict:
         return {"status": "ok", "model": name, "uptime_s": round(time.time() - started, 1),
                 "waiting": batcher.queue.qsize() + len(batcher.waiting), "beam_size": translator.decode.beam_size,
-                "limits": dataclasses.asdict(limits)}
+                "alignment": why_no_alignments(translator) is None, "limits": dataclasses.asdict(limits)}
 
     @app.post("/translate")
     async def translate(request: Request):
