@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from mt.config import ModelConfig
 from mt.decoder_state import DecoderState, append_to_cache
-from mt.model import (DEFAULT_CACHE_CAPACITY, Embeddings, EncoderLayer, final_norm, padding_mask,
-                      train_flops_per_token)
+from mt.model import DEFAULT_CACHE_CAPACITY, Embeddings, EncoderLayer, Stacks, final_norm, padding_mask
 
 
 def prefix_lm_mask(src_pad: Tensor, tgt_len: int) -> Tensor:
@@ -52,7 +50,7 @@ def sequence_positions(src_pad: Tensor, tgt_len: int) -> Tensor:
     return torch.cat([source, target], dim=1)
 
 
-class DecoderOnlyTransformer(nn.Module):
+class DecoderOnlyTransformer(Stacks):
     """One stack over `source EOS BOS target` (see the module docstring). Its layers are the encoder's
     (self-attention and the feed-forward network, each in a `Residual`), masked as a prefix LM; one embedding
     reads source and target (a joint vocabulary), and is the pre-softmax projection when cfg.tie_embeddings."""
@@ -74,34 +72,8 @@ class DecoderOnlyTransformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.embed.embed.weight
 
-    def reset_parameters(self) -> None:
-        """As `Transformer.reset_parameters`: Xavier-uniform matrices, zero biases, unit norm gains, a zero
-        padding embedding; cfg.embed_init "normal" draws the embedding and the output from N(0, d_model^-0.5)."""
-        for name, p in self.named_parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-            else:
-                nn.init.ones_(p)
-        if self.cfg.embed_init == "normal":
-            for matrix in (self.embed.embed.weight, self.output.weight):
-                nn.init.normal_(matrix, mean=0.0, std=self.cfg.d_model ** -0.5)
-        with torch.no_grad():
-            self.embed.embed.weight[self.pad_id].zero_()
-
-    def num_parameters(self) -> int:
-        """Trainable parameters, a shared matrix counted once."""
-        return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self, src_len: int, tgt_len: int) -> float:
-        """Training FLOPs (forward + backward) per target token; see `mt.model.train_flops_per_token`."""
-        return train_flops_per_token(self.cfg, self.tgt_vocab_size, src_len, tgt_len)
-
-    def _run(self, layer: nn.Module, *args) -> Tensor:
-        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
+    def embeddings(self) -> list[Embeddings]:
+        return [self.embed]
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """src (B, S) long (ending in EOS, the separator), tgt_in (B, T) long (BOS + target) -> logits (B, T, V)

@@ -390,7 +390,56 @@ class DecoderLayer(nn.Module):
 # The model
 
 
-class Transformer(nn.Module):
+class Stacks(nn.Module):
+    """What the encoder-decoder and the decoder-only model (mt.decoder_only) share: initialisation, parameter
+    and FLOP counts, activation checkpointing. A subclass sets cfg, pad_id, tgt_vocab_size and output, and
+    names its token embeddings."""
+
+    cfg: ModelConfig
+
+    def embeddings(self) -> list[Embeddings]:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weight matrices (Glorot & Bengio, 2010), zero biases, unit norm gains and zero
+        padding embeddings, as The Annotated Transformer initialises the model. With cfg.embed_init "normal",
+        the embeddings and the pre-softmax matrix are drawn from N(0, d_model^-0.5) instead, as fairseq does:
+        scaled by sqrt(d_model) (Section 3.4), an embedding then has unit variance, like the sinusoids.
+
+        A fused projection is initialised as the one matrix it is, as nn.MultiheadAttention does: each of
+        W^Q, W^K, W^V gets a bound 1/sqrt(2) of its own Xavier bound, the scale fairseq gives its separate
+        projections because it "observed the convergence to be much better".
+        """
+        for name, p in self.named_parameters():  # a shared matrix once
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:  # LayerNorm and RMSNorm gains
+                nn.init.ones_(p)
+        if self.cfg.embed_init == "normal":
+            for matrix in [e.embed.weight for e in self.embeddings()] + [self.output.weight]:
+                nn.init.normal_(matrix, mean=0.0, std=self.cfg.d_model ** -0.5)
+        with torch.no_grad():
+            for e in self.embeddings():
+                e.embed.weight[self.pad_id].zero_()
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, a shared matrix counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, src_len: int, tgt_len: int) -> float:
+        """Training FLOPs (forward + backward) per target token; see `train_flops_per_token`."""
+        return train_flops_per_token(self.cfg, self.tgt_vocab_size, src_len, tgt_len)
+
+    def _run(self, layer: nn.Module, *args) -> Tensor:
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # Keep only the layer's input; recompute its activations in the backward pass.
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+
+class Transformer(Stacks):
     """The encoder-decoder of Section 3. `forward` returns logits; the loss lives in mt.loss.
 
     share_all_embeddings (a joint source-target vocabulary): one matrix for the source and the target
@@ -423,43 +472,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tgt_embed.embed.weight
 
-    def reset_parameters(self) -> None:
-        """Xavier-uniform weight matrices (Glorot & Bengio, 2010), zero biases, unit LayerNorm gains and a zero
-        padding embedding, as The Annotated Transformer initialises the model. With cfg.embed_init "normal",
-        the embeddings and the pre-softmax matrix are drawn from N(0, d_model^-0.5) instead, as fairseq does:
-        scaled by sqrt(d_model) (Section 3.4), an embedding then has unit variance, like the sinusoids.
-
-        A fused projection is initialised as the one matrix it is, as nn.MultiheadAttention does: each of
-        W^Q, W^K, W^V gets a bound 1/sqrt(2) of its own Xavier bound, the scale fairseq gives its separate
-        projections because it "observed the convergence to be much better".
-        """
-        for name, p in self.named_parameters():  # a shared matrix once
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-            else:  # LayerNorm and RMSNorm gains
-                nn.init.ones_(p)
-        if self.cfg.embed_init == "normal":
-            for matrix in (self.src_embed.embed.weight, self.tgt_embed.embed.weight, self.output.weight):
-                nn.init.normal_(matrix, mean=0.0, std=self.cfg.d_model ** -0.5)
-        with torch.no_grad():
-            self.src_embed.embed.weight[self.pad_id].zero_()
-            self.tgt_embed.embed.weight[self.pad_id].zero_()
-
-    def num_parameters(self) -> int:
-        """Trainable parameters, a shared matrix counted once."""
-        return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self, src_len: int, tgt_len: int) -> float:
-        """Training FLOPs (forward + backward) per target token; see `train_flops_per_token`."""
-        return train_flops_per_token(self.cfg, self.tgt_vocab_size, src_len, tgt_len)
-
-    def _run(self, layer: nn.Module, *args: Tensor) -> Tensor:
-        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-            # Keep only the layer's input; recompute its activations in the backward pass.
-            return checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
+    def embeddings(self) -> list[Embeddings]:
+        return [self.src_embed, self.tgt_embed]
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """src (B, S) long -> memory (B, S, D), src_pad (B, S) bool, True at padding."""
