@@ -486,7 +486,7 @@ def test_every_format_refuses_every_variant_in_one_phrase_naming_the_key(variant
 # ---- train, resume, average, translate: through the Trainer and the CLI
 
 
-@pytest.mark.parametrize("variant", ["all_three", "gelu_learned_pre", "decoder_only_learned"])
+@pytest.mark.parametrize("variant", ["all_three", "gelu_learned_pre", "decoder_only_learned", "decoder_only_all_three"])
 def test_a_variant_trains_resumes_exactly_averages_translates_and_is_refused_by_export(variant, tmp_path, capsys):
     from mt.cli import main
     from mt.data import prepare_data
