@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, write_pairs
 
 
 def test_wmt14_recipe_runs_on_the_local_news_sample(tmp_path):
@@ -28,3 +29,39 @@ def test_wmt14_recipe_runs_on_the_local_news_sample(tmp_path):
     pairs = int(train.stdout.split("train: ")[1].split(" pairs")[0])
     assert 9000 < pairs <= 10000
     assert "real tokens" in train.stdout
+
+
+def test_the_ablation_script_budgets_rows_by_measured_speed_and_runs_the_hour_for_the_best(tmp_path):
+    """scripts/ablation.py end to end on the tiny model: speeds for every row, step budgets from them, two rows
+    trained and scored, the hour run of the best one, and the table."""
+    from mt.checkpoint import load_checkpoint
+    from mt.metrics import read_records
+
+    pairs = write_pairs(tmp_path / "pairs", 100)
+    runs = tmp_path / "runs"
+    command = [sys.executable, str(ROOT / "scripts" / "ablation.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+               "--runs", str(runs), "--rows", "paper,rope", "--minutes", "0.01", "--hour", "0.02",
+               "--hour-rows", "best", "--speed-rounds", "1", "--speed-steps", "2",
+               *(a for key in ("train", "valid", "test") for a in ("--set", f"data.{key}={pairs}"))]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    speeds = json.loads((runs / "speeds.json").read_text())
+    assert set(speeds["seconds_per_step"]) == {"paper", "pre_norm", "rmsnorm", "swiglu", "rope", "all_three",
+                                               "decoder_only"}
+    for row, minutes in (("paper", 0.01), ("rope", 0.01)):
+        run_dir = runs / f"{row}-{minutes:g}min"
+        budget = max(1, round(minutes * 60 / speeds["seconds_per_step"][row]))
+        assert load_checkpoint(run_dir / "checkpoint_last.pt")["config"]["train"]["max_steps"] == budget
+        checkpoints = {r["checkpoint"] for r in read_records(run_dir / "scores.jsonl")}
+        assert checkpoints == {"checkpoint_last.pt", "checkpoint_avg.pt"}
+    # --hour-rows best: the best scored row other than the 2017 model, so rope, and not the 2017 model's hour
+    assert (runs / "rope-0.02min" / "scores.jsonl").is_file() and not (runs / "paper-0.02min").exists()
+    table = (runs / "table.md").read_text()
+    assert table.count("| RoPE") == 2 and "| 2017 model" in table and "nrefs:1|case:mixed" in table
+
+    # Speeds that give a trained row another budget: the row is refused, not silently reused.
+    speeds["seconds_per_step"]["rope"] /= 3
+    (runs / "speeds.json").write_text(json.dumps(speeds))
+    again = subprocess.run([*command[:command.index("--rows") + 1], "rope", *command[command.index("--rows") + 2:],
+                            "--no-hour"], capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode != 0 and "move it away" in again.stderr.splitlines()[-1]
