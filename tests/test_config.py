@@ -167,12 +167,3 @@ def test_shipped_small_configs_load_and_point_at_multi30k():
         # Paths are relative to the repository root, where the README runs mt from.
         assert (ROOT / f"{cfg.data.train}.de").is_file() and (ROOT / f"{cfg.data.valid}.en").is_file()
 
-
-def test_the_modern_recipe_is_the_main_jobs_with_rope_alone():
-    """configs/multi30k-modern.yaml is the ablation's best row: anything else changed would be untested."""
-    main = to_dict(load_config(ROOT / "configs" / "multi30k.yaml"))
-    modern = to_dict(load_config(ROOT / "configs" / "multi30k-modern.yaml"))
-    changed = {f"{section}.{key}" for section in main if isinstance(main[section], dict)
-               for key in main[section] if main[section][key] != modern[section][key]}
-    assert changed == {"model.positions"} and modern["model"]["positions"] == "rope"
-    assert main["run_dir"] != modern["run_dir"]
