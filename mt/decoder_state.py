@@ -2,10 +2,10 @@
 position to the next.
 
 Per decoder layer, a self-attention cache of the keys and values of the positions decoded so far (grown by
-doubling), and the cross-attention keys and values of the encoder's output, computed once per sentence and
-shared by its beams. The decoder-only model (mt.decoder_only) has no cross-attention: its caches start with
-the source prefix's keys and values (`offset` positions), then the target's. Shapes: rows B (sentences, or sentences x beams), sentences N, heads H, head width Dh,
-source length S.
+doubling), and the cross-attention keys and values of the encoder's output, computed once per sentence and shared
+by its beams. The decoder-only model (mt.decoder_only) has no cross-attention: its caches start with the source
+prefix's keys and values (`offset` positions), then the target's. Shapes: rows B (sentences, or sentences x
+beams), sentences N, heads H, head width Dh, source length S.
 """
 
 from __future__ import annotations

@@ -166,4 +166,3 @@ def test_shipped_small_configs_load_and_point_at_multi30k():
         assert (cfg.data.src_lang, cfg.data.tgt_lang) == ("de", "en")
         # Paths are relative to the repository root, where the README runs mt from.
         assert (ROOT / f"{cfg.data.train}.de").is_file() and (ROOT / f"{cfg.data.valid}.en").is_file()
-

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+from mt.checkpoint import load_checkpoint
+from mt.metrics import read_records
+
 from conftest import DATA, ROOT, write_pairs
 
 
@@ -34,9 +37,6 @@ def test_wmt14_recipe_runs_on_the_local_news_sample(tmp_path):
 def test_the_ablation_script_budgets_rows_by_measured_speed_and_runs_the_hour_for_the_best(tmp_path):
     """scripts/ablation.py end to end on the tiny model: speeds for every row, step budgets from them, two rows
     trained and scored, the hour run of the best one, and the table."""
-    from mt.checkpoint import load_checkpoint
-    from mt.metrics import read_records
-
     pairs = write_pairs(tmp_path / "pairs", 100)
     runs = tmp_path / "runs"
     command = [sys.executable, str(ROOT / "scripts" / "ablation.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),

@@ -23,7 +23,7 @@ from mt.errors import MTError
 from mt.export import EXPRESSIBLE, inexpressible
 from mt.fast import attention as fast_attention, speed_up
 from mt.model import Transformer, attention_maps
-from mt.search import beam_search, greedy_search, sample
+from mt.search import Ensemble, beam_search, greedy_search, sample
 from mt.variants import RMSNorm, Rotary, SwiGLU
 
 from conftest import ROOT, recomputed_greedy, write_pairs
@@ -342,7 +342,8 @@ def test_search_stops_at_the_last_learned_position_instead_of_failing(variant):
     src = batch()[0]  # (3, 7): a limit of 7 + 50 tokens, far past the table
     room = 12 if variant == "learned" else 12 - src.size(1)
     for out in (greedy_search(model, src, **IDS, max_len_b=50, min_len=60),
-                beam_search(model, src, **IDS, beam_size=2, max_len_b=50, min_len=60)):
+                beam_search(model, src, **IDS, beam_size=2, max_len_b=50, min_len=60),
+                greedy_search(Ensemble([tiny("rope"), model]), src, **IDS, max_len_b=50, min_len=60)):
         # min_len past the room: every output runs to the table's end and stops there with EOS
         assert out.lengths.flatten().tolist() == [room] * src.size(0)
         assert (out.tokens[:, 0, room - 1] == EOS).all()
