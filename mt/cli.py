@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve_parser.add_argument("--max-sentences", type=int, default=64, help="sentences per request (default 64)")
     serve_parser.add_argument("--max-length", type=int, default=256,
-                              help="source tokens per sentence (default 256)")
+                              help="source tokens per sentence, and target tokens per prefix (default 256)")
     _search_options(serve_parser)
     common(serve_parser)
 

@@ -103,6 +103,8 @@ def test_nbest_prefix_and_alignment_match_the_library(client, translator):
     (b'{"text": ["a", "b"], "prefix": ["x"]}', 422, "'prefix' has 1 entries for 2 sentences"),
     (json.dumps({"text": ["ein Hund"] * 17}).encode(), 413, "17 sentences; the limit is 16"),
     (json.dumps({"text": ["ok", " ".join(["Hund"] * 200)]}).encode(), 413, "'text'[1] has"),
+    (json.dumps({"text": ["ok", "ok"], "prefix": ["A", " ".join(["dog"] * 200)]}).encode(), 413, "'prefix'[1] has"),
+    (b'{"text": "a", "prefix": "A\\nB"}', 422, "an item of 'prefix' contains a line break"),
 ])
 def test_bad_requests_get_a_4xx_with_one_line_and_the_service_keeps_serving(client, body, status, words):
     reply = client.post("/translate", content=body, headers={"Content-Type": "application/json"})

@@ -103,12 +103,16 @@ def parse_request(body: bytes, translator: Translator, limits: Limits) -> Job:
         raise BadRequest(422, "'alignment' must be true or false")
     if alignment and (reason := why_no_alignments(translator)) is not None:
         raise BadRequest(422, f"'alignment': {reason}")
-    if "\n" in "".join(lines):
-        raise BadRequest(422, "a sentence of 'text' contains a line break; send one sentence per list item")
+    for name, strings in (("text", lines), ("prefix", prefixes or [])):
+        if "\n" in "".join(strings):
+            raise BadRequest(422, f"an item of '{name}' contains a line break; send one sentence per list item")
     lengths = [len(ids) for ids in translator.vocab.src.encode(lines)]
-    for i, n in enumerate(lengths):
-        if n > limits.max_tokens:
-            raise BadRequest(413, f"'text'[{i}] has {n} tokens; the limit is {limits.max_tokens}")
+    # A prefix is forced into the translation: as long a one would make the search as long, so it has the limit too.
+    prefix_lengths = [len(ids) for ids in translator.vocab.tgt.encode(prefixes)] if prefixes else []
+    for name, counts in (("text", lengths), ("prefix", prefix_lengths)):
+        for i, n in enumerate(counts):
+            if n > limits.max_tokens:
+                raise BadRequest(413, f"'{name}'[{i}] has {n} tokens; the limit is {limits.max_tokens}")
     return Job(lines, prefixes, beam, nbest, alignment, sum(lengths) + len(lines))
 
 
