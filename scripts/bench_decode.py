@@ -5,12 +5,18 @@ float32 and int8 (the checkpoint converted by `mt export --format ct2`), beam 4,
     python scripts/bench_decode.py --checkpoint runs/multi30k-de-en/checkpoint_avg.pt
     python scripts/bench_decode.py --checkpoint CKPT --isa avx2      # as on a CPU without AVX512
 
-Each repetition runs every system once, in turns (mt fp32, mt int8, mt bf16 where the CPU has native bf16
-matrix products, CTranslate2 float32, CTranslate2 int8), each in a new process that loads the model, then
-times the translation of --src alone (tokenisation and detokenisation included, loading excluded).
-Prints sentences/s (the median over repetitions), BLEU against --ref and the share of lines identical to
-mt fp32's. CTranslate2 runs as a user would run it: `translate_batch` over the whole input with --max-tokens
+Each repetition runs every system once, in turns (by default mt fp32, int8, and bf16 where the CPU has native
+bf16 matrix products, each with exact search and with early stop; CTranslate2 float32 and int8, and float32
+reranked as below), each in a new process that loads the model, then times the translation of --src alone
+(tokenisation and detokenisation included, loading excluded). Prints sentences/s (the median over
+repetitions), BLEU against --ref, its difference from mt fp32's and the share of lines identical to mt
+fp32's. CTranslate2 runs as a user would run it: `translate_batch` over the whole input with --max-tokens
 token batches (it sorts by length itself), beam 4, length penalty 0.6 (its formula: length^0.6).
+
+Other systems: "mt fp32 early" (any mt precision) stops each sentence as CTranslate2 does (`decode.early_stop`),
+not exactly. "ct2 float32 rerank" is CTranslate2 made to give mt's output, the fair comparison for mt's exact
+search: beams ranked by summed log-probability (length penalty 0), patience 2 so that it runs until 8 of them
+are finished, all 8 returned and the best picked by mt's length penalty ((5 + |Y|) / 6)^0.6, EOS counted.
 
 --isa avx2 restricts both engines to AVX2 kernels (ATEN_CPU_CAPABILITY, CT2_FORCE_CPU_ISA, oneDNN's
 ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS): the instruction set of a CPU without AVX512, on this CPU's cores
@@ -58,11 +64,17 @@ def worker(args: argparse.Namespace) -> None:
         tgt_spm = spm.SentencePieceProcessor(model_file=str(directory / "target.spm"))
         translator = ctranslate2.Translator(str(directory), device="cpu", inter_threads=1,
                                             intra_threads=args.threads)
+        rerank = "rerank" in args.system
+        options = dict(length_penalty=0.0, patience=2, num_hypotheses=8, return_scores=True) if rerank else \
+            dict(length_penalty=0.6)
         started = time.perf_counter()
         results = translator.translate_batch(src_spm.encode(sources, out_type=str), beam_size=4,
-                                             length_penalty=0.6, max_batch_size=args.max_tokens,
-                                             batch_type="tokens")
-        hyps = [tgt_spm.decode(r.hypotheses[0]) for r in results]
+                                             max_batch_size=args.max_tokens, batch_type="tokens", **options)
+        if rerank:  # mt's ranking: summed log-prob over GNMT's penalty of the length with EOS
+            hyps = [tgt_spm.decode(max(zip(r.hypotheses, r.scores),
+                                       key=lambda h: h[1] / ((6 + len(h[0])) / 6) ** 0.6)[0]) for r in results]
+        else:
+            hyps = [tgt_spm.decode(r.hypotheses[0]) for r in results]
     seconds = time.perf_counter() - started
     Path(args.hyp).write_text("\n".join(hyps) + "\n", encoding="utf-8")
     print(json.dumps({"seconds": seconds}))
@@ -79,7 +91,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=8192, help="source tokens per batch, both engines")
     parser.add_argument("--isa", choices=("native", "avx2"), default="native")
     parser.add_argument("--systems", nargs="+",
-                        default=["mt fp32", "mt int8", "mt bf16", "ct2 float32", "ct2 int8"])
+                        default=["mt fp32", "mt fp32 early", "mt int8", "mt int8 early", "mt bf16", "mt bf16 early",
+                                 "ct2 float32", "ct2 float32 rerank", "ct2 int8"])
     parser.add_argument("--work", type=Path, help="exports and outputs (default: beside the checkpoint)")
     # A worker's own arguments (internal).
     parser.add_argument("--system", help=argparse.SUPPRESS)
@@ -98,11 +111,11 @@ def main() -> int:
 
     env = {**os.environ, **ISA_ENV.get(args.isa, {})}
     bf16 = native_bf16(torch.device("cpu")) and args.isa == "native"
-    systems = [s for s in args.systems if s != "mt bf16" or bf16]
+    systems = [s for s in args.systems if not s.startswith("mt bf16") or bf16]
     work = args.work or args.checkpoint.parent / "bench_decode"
     work.mkdir(parents=True, exist_ok=True)
     ct2_dirs = {q: export(args.checkpoint, "ct2", work / f"ct2-{q}", None if q == "float32" else q, force=True)
-                for q in ("float32", "int8") if f"ct2 {q}" in systems}
+                for q in ("float32", "int8") if any(s.startswith(f"ct2 {q}") for s in systems)}
     seconds: dict[str, list[float]] = {s: [] for s in systems}
     for rep in range(args.reps):
         for system in systems:
@@ -124,13 +137,14 @@ def main() -> int:
     reference = hyps.get("mt fp32")
     print(f"\n{args.checkpoint}, {args.src.name} ({len(refs)} lines), beam 4, {args.threads} threads, "
           f"{args.max_tokens}-token batches, ISA {args.isa}, torch {torch.__version__}\n")
-    print("| system | sentences/s (median) | seconds per run | BLEU | lines identical to mt fp32 |")
-    print("| --- | --- | --- | --- | --- |")
+    bleu = {s: score(hyps[s], refs).bleu for s in systems}
+    print("| system | sentences/s (median) | seconds per run | BLEU | BLEU - mt fp32 | lines identical to mt fp32 |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for s in systems:
         same = f"{100 * sum(a == b for a, b in zip(hyps[s], reference)) / len(refs):.1f}%" if reference else "-"
+        delta = f"{bleu[s] - bleu['mt fp32']:+.2f}" if reference else "-"
         runs = ", ".join(f"{x:.2f}" for x in seconds[s])
-        print(f"| {s} | {len(refs) / statistics.median(seconds[s]):.1f} | {runs} | {score(hyps[s], refs).bleu:.2f} "
-              f"| {same} |")
+        print(f"| {s} | {len(refs) / statistics.median(seconds[s]):.1f} | {runs} | {bleu[s]:.2f} | {delta} | {same} |")
     return 0
 
 
