@@ -82,17 +82,21 @@ class DecoderState:
         """Positions the self-attention caches hold before they next grow."""
         return self.self_kv[0][0].size(2) if self.self_kv else 0
 
-    def select(self, index: Tensor, sentences: Tensor | None = None) -> "DecoderState":
-        """A new state whose row i is this state's row index[i]: index (B',) long, on the state's device.
+    def select(self, index: Tensor, sentences: Tensor | None = None, group: int | None = None) -> "DecoderState":
+        """A new state whose row i is this state's row index[i]: index (B',) long, on the state's device; its
+        rows come in groups of `group` (default: this state's).
 
         Greedy search prunes finished sentences with it (group 1: the memory follows `index`). Beam search
         (group > 1) reorders beams within their sentences and prunes whole sentences: `index` must then keep
         each new group's rows inside one old group, and `sentences` (B' / group,) names the old group
         (memory row) of each new group; None keeps every sentence where it is, and the memory is not copied.
+        Beam search starts from one row per sentence and widens to its beams after the first step
+        (group 1 -> K, each new group's rows taken from its sentence's one row).
         Copies the filled part (offset + step positions) of each self-attention cache only; the capacity is kept. The new state writes
         its own next `select` into this state's caches, so this state stays valid until then, not after.
         """
-        if sentences is None and self.group == 1:
+        group = self.group if group is None else group
+        if sentences is None and group == 1:
             sentences = index
         if sentences is None:
             memory, src_pad, cross_kv = self.memory, self.src_pad, self.cross_kv
@@ -105,5 +109,5 @@ class DecoderState:
             memory=memory, src_pad=src_pad, cross_kv=cross_kv,
             self_kv=[(_reorder(k, filled, index, spare_k), _reorder(v, filled, index, spare_v))
                      for (k, v), (spare_k, spare_v) in zip(self.self_kv, spares)],
-            step=self.step, group=self.group, offset=self.offset, spare_kv=self.self_kv,
+            step=self.step, group=group, offset=self.offset, spare_kv=self.self_kv,
         )

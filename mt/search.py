@@ -4,7 +4,7 @@ A search talks to the model through three calls only (duck typing, so tests driv
 
     state = model.start_decoding(src, max_len, beam_size)   encode once; beam_size rows per sentence
     logits = model.decode_step(tokens, state)                one position for every row, caches updated in place
-    state = state.select(index, sentences)                   reorder / prune rows (sentences: see DecoderState)
+    state = state.select(index, sentences, group)            reorder / prune / widen rows (see DecoderState)
 
 Sentences and beams are rows of one batch; the one Python loop is over time steps. `Ensemble` makes several
 models one model of the same three calls.
@@ -202,8 +202,8 @@ class EnsembleState:
 
     states: list
 
-    def select(self, index: Tensor, sentences: Tensor | None = None) -> "EnsembleState":
-        return EnsembleState([state.select(index, sentences) for state in self.states])
+    def select(self, index: Tensor, sentences: Tensor | None = None, group: int | None = None) -> "EnsembleState":
+        return EnsembleState([state.select(index, sentences, group) for state in self.states])
 
 
 class Ensemble:
@@ -343,7 +343,9 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
     shortest, steps = _limit_range(limit)  # one read before the loop; steps: the buffers' width
     lp = length_penalty(torch.arange(steps + 2, device=device), alpha)  # (steps + 2,) lp of each length
     lp_limit = lp[limit]  # (B,)
-    state = model.start_decoding(src, steps, beam_size=K)  # rows g*K .. g*K+K-1 decode sentence g
+    # One row per sentence for the first step, whose K beams would all start from BOS; then `select` widens
+    # the state to K rows per sentence: rows g*K .. g*K+K-1 decode sentence g.
+    state = model.start_decoding(src, steps, beam_size=1)
 
     # The finished hypotheses of every sentence, best first; a slot not yet filled scores -inf.
     fin_tokens = torch.full((B, K, steps), pad, dtype=torch.long, device=device)
@@ -356,13 +358,15 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
     # The K rows start identical: only the first is live, or the beam would fill with K copies of one prefix.
     live_scores = torch.full((B, K), -torch.inf, device=device)  # (n, K) summed log-probs
     live_scores[:, 0] = 0.0
-    prev = torch.full((B * K,), bos, dtype=torch.long, device=device)  # (n*K,)
+    prev = torch.full((B,), bos, dtype=torch.long, device=device)  # (n*K,), (n,) at the first step
     period = _sync_period(device, sync_every)
     ended = torch.zeros(B, dtype=torch.bool, device=device)  # (n,) done at an earlier step, not yet pruned
     for t in range(steps):
         n = sent.numel()
         row_limit = limit[sent]  # (n,)
         logits = model.decode_step(prev, state)  # (n*K, V)
+        if t == 0:  # a sentence's one row stands for its K beams (of which only the first is live)
+            logits = logits.repeat_interleave(K, dim=0)
         V = logits.size(-1)
         lprobs = _constrain_(F.log_softmax(logits.float(), dim=-1), t + 1, row_limit.repeat_interleave(K),
                              eos=eos, pad=pad, min_len=min_len, shortest_limit=shortest)
@@ -414,7 +418,7 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
                 keep_rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).flatten()  # (n'*K,)
                 sent, live_scores, ended = sent[keep], live_scores[keep], ended[keep]
                 rows, prev, live_tokens = rows[keep_rows], prev[keep_rows], live_tokens[keep_rows]
-        state = state.select(rows, keep)
+        state = state.select(rows // K if t == 0 else rows, keep, group=K)  # (parents: rows of n*K, or of n)
 
     lengths = fin_lengths[:, :nbest]
     width = int(lengths.max()) if B else 0

@@ -39,7 +39,7 @@ class StubState:
         self.history = history  # (rows, step) tokens fed so far, BOS first
         self.step = step
 
-    def select(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> "StubState":
+    def select(self, index: torch.Tensor, sentences: torch.Tensor | None = None, group: int | None = None) -> "StubState":
         assert index.dtype == torch.long and index.dim() == 1
         return StubState(self.sentence[index], self.history[index], self.step)
 
@@ -262,7 +262,9 @@ def test_finished_sentences_leave_the_batch(search):
         beam_search(stub, src_of([2, 2]), **kw, beam_size=K, alpha=0.6)
     assert out.lengths[:, 0].tolist() == [1, 8]
     assert len(stub.rows_per_step) == 8
-    assert stub.rows_per_step[0] == 2 * K and stub.rows_per_step[-1] == K
+    # The first step decodes one row per sentence (a sentence's beams would all start from BOS alike); sentence
+    # 0 is done after it, so every later step decodes sentence 1's K rows alone.
+    assert stub.rows_per_step == [2] + [K] * 7
 
 
 @pytest.mark.parametrize("search", ["greedy", "beam"])
@@ -279,10 +281,10 @@ def test_reading_the_host_every_few_steps_prunes_later_and_changes_nothing_else(
     for a, b in zip(outs[0].__dict__.values(), outs[1].__dict__.values()):
         assert torch.equal(a, b)
     # Sentence 0 is done after one step (greedy) or two (beam); with a read every 3 steps it stays in the
-    # batch until step 3.
+    # batch until step 3. The first step decodes one row per sentence.
     first = 1 if search == "greedy" else 2
-    assert rows[0] == [2 * K] * first + [K] * (8 - first)
-    assert rows[1] == [2 * K] * 3 + [K] * 5
+    assert rows[0] == [2] + [2 * K] * (first - 1) + [K] * (8 - first)
+    assert rows[1] == [2] + [2 * K] * 2 + [K] * 5
     with pytest.raises(ValueError, match="sync_every"):
         greedy_search(stub, src_of([2]), **kw, sync_every=0)
 

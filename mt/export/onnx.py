@@ -230,8 +230,8 @@ class OnnxDecoderState:
         """Tokens fed so far."""
         return self.self_keys.shape[3]
 
-    def select(self, index: Tensor, sentences: Tensor | None = None) -> "OnnxDecoderState":
-        """A new state whose row i is this state's row index[i]: index (B',) long. `sentences` as in
+    def select(self, index: Tensor, sentences: Tensor | None = None, group: int | None = None) -> "OnnxDecoderState":
+        """A new state whose row i is this state's row index[i]: index (B',) long. `sentences` and `group` as in
         DecoderState.select: None with group > 1 keeps every sentence where it is, so index only reorders rows
         within their groups, whose cross-attention rows are equal: those need no copy."""
         rows = index.cpu().numpy()
@@ -242,7 +242,7 @@ class OnnxDecoderState:
             cross_keys, cross_values = self.cross_keys[:, rows], self.cross_values[:, rows]
             source_mask = self.source_mask[rows]
         return OnnxDecoderState(self.self_keys[:, rows], self.self_values[:, rows], cross_keys, cross_values,
-                                source_mask, self.group)
+                                source_mask, self.group if group is None else group)
 
 
 class OnnxModel:
