@@ -11,8 +11,8 @@ The model keeps the encoder-decoder's contracts, so training, the loss and searc
 `forward(src, tgt_in)` returns the logits of the target positions only (the loss stays on target tokens), and
 `start_decoding` / `decode_step` / `DecoderState.select` are the incremental decoder: `start_decoding` runs
 the source prefix once and writes its keys and values at the start of each layer's self-attention cache
-(`DecoderState.offset` positions), copied for each of a sentence's beam rows, so beam search reorders them
-like any cached position.
+(`DecoderState.offset` positions), copied to each of a sentence's beam rows when beam search widens the
+state after its first step, so beam search reorders them like any cached position.
 
 Shapes: batch B, source length S (padded), target length T, model width D, heads H, head width Dh,
 vocabulary V.

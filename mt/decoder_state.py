@@ -90,10 +90,11 @@ class DecoderState:
         (group > 1) reorders beams within their sentences and prunes whole sentences: `index` must then keep
         each new group's rows inside one old group, and `sentences` (B' / group,) names the old group
         (memory row) of each new group; None keeps every sentence where it is, and the memory is not copied.
-        Beam search starts from one row per sentence and widens to its beams after the first step
-        (group 1 -> K, each new group's rows taken from its sentence's one row).
-        Copies the filled part (offset + step positions) of each self-attention cache only; the capacity is kept. The new state writes
-        its own next `select` into this state's caches, so this state stays valid until then, not after.
+        Beam search starts from one row per sentence and widens to its beams after the first step (group
+        1 -> K, sentences None: new group g's rows all come from old row g). Narrowing (group K -> 1) needs
+        `sentences`. Copies the filled part (offset + step positions) of each self-attention cache only; the
+        capacity is kept. The new state writes its own next `select` into this state's caches, so this state
+        stays valid until then, not after.
         """
         group = self.group if group is None else group
         if sentences is None and group == 1:

@@ -2,7 +2,7 @@
 
 A search talks to the model through three calls only (duck typing, so tests drive it with a stub decoder):
 
-    state = model.start_decoding(src, max_len, beam_size)   encode once; beam_size rows per sentence
+    state = model.start_decoding(src, max_len, beam_size)   encode once; beam_size rows per sentence (search: 1)
     logits = model.decode_step(tokens, state)                one position for every row, caches updated in place
     state = state.select(index, sentences, group)            reorder / prune / widen rows (see DecoderState)
 

@@ -191,6 +191,26 @@ def test_beam_groups_share_one_memory_row_and_reordering_within_them_copies_none
             assert_close(logits, model(src[rows], tgt[rows])[:, t], **TOL)
 
 
+
+def test_a_state_of_one_row_per_sentence_widens_to_k_beams_sharing_its_memory():
+    model = tiny("post")
+    src, tgt = batch()
+    K = 3
+    with torch.inference_mode():
+        state = model.start_decoding(src, max_len=2)  # one row per sentence, as beam search's first step
+        assert state.group == 1 and state.self_kv[0][0].size(0) == 3
+        model.decode_step(tgt[:, 0], state)
+        wide = state.select(torch.arange(3).repeat_interleave(K), group=K)
+        assert wide.group == K and wide.self_kv[0][0].size(0) == 3 * K
+        assert wide.memory is state.memory and wide.cross_kv[0][0] is state.cross_kv[0][0]  # not copied
+        # Beams of one sentence then part ways: each row is fed its own sentence's target, rows reordered.
+        wide = wide.select(torch.tensor([2, 0, 1, 3, 3, 4, 8, 7, 6]))
+        rows = torch.arange(3).repeat_interleave(K)
+        for t in range(1, tgt.size(1)):
+            logits = model.decode_step(tgt[rows, t], wide)
+            assert_close(logits, model(src[rows], tgt[rows])[:, t], **TOL)
+
+
 # ---- 5: weight tying, positional encodings
 
 
