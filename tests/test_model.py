@@ -191,7 +191,6 @@ def test_beam_groups_share_one_memory_row_and_reordering_within_them_copies_none
             assert_close(logits, model(src[rows], tgt[rows])[:, t], **TOL)
 
 
-
 def test_a_state_of_one_row_per_sentence_widens_to_k_beams_sharing_its_memory():
     model = tiny("post")
     src, tgt = batch()
