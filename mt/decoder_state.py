@@ -55,6 +55,27 @@ def _reorder(buffer: Tensor, filled: int, index: Tensor, spare: Tensor | None) -
     return out
 
 
+def moved_rows(index: Tensor, rows: int) -> Tensor | None:
+    """For a select of index (B',) from a buffer of `rows` rows: the rows i with index[i] != i, (m,) long, when
+    copying those alone (twice: out and back) is cheaper than copying all B' rows once, that is m <= B' / 2.
+    None otherwise, when B' > rows, and off the CPU, where reading m on the host would stall the device."""
+    if index.device.type != "cpu" or index.size(0) > rows:
+        return None
+    moved = index.ne(torch.arange(index.size(0))).nonzero().squeeze(1)
+    return moved if 2 * moved.size(0) <= index.size(0) else None
+
+
+def _take(x: Tensor, index: Tensor, moved: Tensor | None, filled: int | None = None) -> Tensor:
+    """x (B, ...) with its rows picked by index (B',): (B', ...), a new tensor; with `moved` (from `moved_rows`)
+    x itself, overwritten, with only those rows copied. `filled`: x is a self-attention cache (B, H, capacity,
+    Dh) of which the first `filled` positions alone are copied (with `moved` only)."""
+    if moved is None:
+        return x.index_select(0, index)
+    part = x if filled is None else x[:, :, :filled]
+    part.index_copy_(0, moved, part.index_select(0, index[moved]))  # every source is read before any write
+    return x[:index.size(0)]
+
+
 @dataclass
 class DecoderState:
     """Everything the incremental decoder carries between steps for B rows: sentences, or sentences x beams.
@@ -74,7 +95,7 @@ class DecoderState:
     # Positions at the start of each self-attention cache before the first token fed: the decoder-only model's
     # source prefix (mt.decoder_only); 0 for the encoder-decoder.
     offset: int = 0
-    # Per layer, the buffers the next `select` writes into: the caches of the state it was selected from.
+    # Per layer, the buffers the next `select` may write into: the caches of an earlier state, not these.
     spare_kv: list[tuple[Tensor, Tensor]] | None = None
 
     @property
@@ -93,8 +114,9 @@ class DecoderState:
         Beam search starts from one row per sentence and widens to its beams after the first step (group
         1 -> K, sentences None: new group g's rows all come from old row g). Narrowing (group K -> 1) needs
         `sentences`. Copies the filled part (offset + step positions) of each self-attention cache only; the
-        capacity is kept. The new state writes its own next `select` into this state's caches, so this state
-        stays valid until then, not after.
+        capacity is kept. Where at most half the rows move (`moved_rows`: on a CPU), those alone are copied
+        inside this state's tensors; otherwise into the caches of the state this one was selected from. So a
+        state is spent once selected from: only the new state is valid.
         """
         group = self.group if group is None else group
         if sentences is None and group == 1:
@@ -102,13 +124,18 @@ class DecoderState:
         if sentences is None:
             memory, src_pad, cross_kv = self.memory, self.src_pad, self.cross_kv
         else:
-            memory, src_pad = self.memory.index_select(0, sentences), self.src_pad.index_select(0, sentences)
-            cross_kv = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_kv]
-        spares = self.spare_kv or [(None, None)] * len(self.self_kv)
+            moved = moved_rows(sentences, self.memory.size(0))
+            memory, src_pad = _take(self.memory, sentences, moved), _take(self.src_pad, sentences, moved)
+            cross_kv = [(_take(k, sentences, moved), _take(v, sentences, moved)) for k, v in self.cross_kv]
         filled = self.offset + self.step
-        return DecoderState(
-            memory=memory, src_pad=src_pad, cross_kv=cross_kv,
-            self_kv=[(_reorder(k, filled, index, spare_k), _reorder(v, filled, index, spare_v))
-                     for (k, v), (spare_k, spare_v) in zip(self.self_kv, spares)],
-            step=self.step, group=group, offset=self.offset, spare_kv=self.self_kv,
-        )
+        moved = moved_rows(index, self.self_kv[0][0].size(0)) if self.self_kv else None
+        if moved is not None:  # few rows change: copy those inside the caches
+            self_kv = [(_take(k, index, moved, filled), _take(v, index, moved, filled)) for k, v in self.self_kv]
+            spare_kv = self.spare_kv
+        else:
+            spares = self.spare_kv or [(None, None)] * len(self.self_kv)
+            self_kv = [(_reorder(k, filled, index, spare_k), _reorder(v, filled, index, spare_v))
+                       for (k, v), (spare_k, spare_v) in zip(self.self_kv, spares)]
+            spare_kv = self.self_kv
+        return DecoderState(memory=memory, src_pad=src_pad, cross_kv=cross_kv, self_kv=self_kv, step=self.step,
+                            group=group, offset=self.offset, spare_kv=spare_kv)

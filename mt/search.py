@@ -193,6 +193,35 @@ def _rows_where(mask: Tensor, count: int) -> Tensor:
     return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
 
 
+def _fill_holes(alive: Tensor, count: int) -> Tensor:
+    """alive (rows,) bool with `count` True entries (already read on the host) -> (count,) long: their indices,
+    those below `count` left in place and the others moved into the places below `count` that are not alive,
+    in order. Pruning by it leaves most rows where they were, so `state.select` copies only the few that move
+    (a compaction in order would shift every row after the first one pruned)."""
+    head, tail = alive[:count], alive[count:]
+    holes_first = _rows_where(~head, count)  # (count,) the places not alive, then the rest
+    tail_first = _rows_where(tail, tail.numel()) + count  # the rows alive beyond count, then the rest
+    m = min(count, tail.numel())  # at least the number of holes (each hole has a row from the tail to fill it)
+    filling = torch.where(torch.arange(m, device=alive.device) < (~head).sum(), tail_first[:m], holes_first[:m])
+    return torch.arange(count, device=alive.device).scatter_(0, holes_first[:m], filling)
+
+
+def _stay_with_parents(parent: Tensor) -> Tensor:
+    """parent (n, K): the beam each of a sentence's K new hypotheses extends -> order (n, K), a permutation: new
+    beam j is hypothesis order[:, j]. Each parent's first child takes its parent's beam, the other children
+    the beams no child extends, in order. The search ranks by score, not by beam, so the order changes no
+    result; but a child in its parent's beam needs no copy of the parent's caches (`state.select` moves only
+    the rows that change)."""
+    n, K = parent.shape
+    earlier = torch.ones(K, K, dtype=torch.bool, device=parent.device).tril(-1)  # [j, i]: i before j
+    first = ~((parent.unsqueeze(2) == parent.unsqueeze(1)) & earlier).any(2)  # (n, K) no earlier sibling
+    extended = torch.zeros_like(first).scatter_(1, parent, True)  # (n, K) beams some child extends
+    free = torch.argsort(extended.to(torch.uint8), dim=1, stable=True)  # beams no child extends, first
+    rank = (~first).long().cumsum(1).sub_(1).clamp_(min=0)  # an extra child's rank among the extra ones
+    beam = torch.where(first, parent, free.gather(1, rank))  # (n, K) the beam each hypothesis takes
+    return torch.empty_like(parent).scatter_(1, beam, torch.arange(K, device=parent.device).expand(n, K))
+
+
 # ---- ensembles
 
 
@@ -268,7 +297,7 @@ def _one_token_at_a_time(model, src: Tensor, choose, *, bos: int, eos: int, pad:
             if n_alive == 0:
                 break
             if n_alive < rows.numel():
-                keep = _rows_where(live, n_alive)
+                keep = _fill_holes(live, n_alive)
                 state, rows, prev, live = state.select(keep), rows[keep], prev[keep], live[keep]
     width = int(lengths.max()) if B else 0
     return SearchOutput(tokens[:, None, :width], scores[:, None], lengths[:, None])
@@ -397,6 +426,8 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
 
         # Continue: the best K candidates that are not EOS refill the beam.
         live_scores, pick = cand_scores.masked_fill(cand_token.eq(eos), -torch.inf).topk(K, dim=1)  # (n, K)
+        order = _stay_with_parents(cand_index.gather(1, pick) // V)  # children in their parents' beams
+        live_scores, pick = live_scores.gather(1, order), pick.gather(1, order)
         rows = cand_rows.gather(1, pick).flatten()  # (n*K,)
         prev = cand_token.gather(1, pick).flatten()
         live_tokens = hist.gather(1, pick.unsqueeze(2).expand(-1, -1, t + 1)).view(n * K, t + 1)
@@ -414,7 +445,7 @@ def beam_search(model, src: Tensor, *, bos: int, eos: int, pad: int, beam_size: 
             if n_done == n:
                 break
             if n_done:
-                keep = _rows_where(~ended, n - n_done)  # (n',)
+                keep = _fill_holes(~ended, n - n_done)  # (n',)
                 keep_rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).flatten()  # (n'*K,)
                 sent, live_scores, ended = sent[keep], live_scores[keep], ended[keep]
                 rows, prev, live_tokens = rows[keep_rows], prev[keep_rows], live_tokens[keep_rows]

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from mt.search import (
+    _fill_holes,
+    _stay_with_parents,
     beam_search,
     greedy_search,
     length_penalty,
@@ -457,7 +459,69 @@ def test_cached_decoding_agrees_with_recomputing_the_whole_prefix(model):
         assert out.scores[i, 0].item() == pytest.approx(total, abs=1e-4)
 
 
+class Recomputed:
+    """The real model behind the search's three calls without any cache: each step runs the whole teacher-forced
+    pass over every row's prefix, and a state is the rows' sentences and prefixes. The reference for the
+    incremental decoder's state, whatever rows a search moves or prunes."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def start_decoding(self, src: torch.Tensor, max_len: int | None = None, beam_size: int = 1) -> StubState:
+        self.src = src
+        return StubState(torch.arange(src.size(0)).repeat_interleave(beam_size),
+                         torch.zeros(src.size(0) * beam_size, 0, dtype=torch.long))
+
+    def decode_step(self, tokens: torch.Tensor, state: StubState) -> torch.Tensor:
+        state.history = torch.cat([state.history, tokens.unsqueeze(1)], dim=1)
+        return self.model(self.src[state.sentence], state.history)[:, -1]
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_the_cached_search_moving_few_rows_in_place_equals_recomputing_every_prefix(model, search, monkeypatch):
+    import mt.decoder_state
+
+    src = sources()
+    kw = dict(**IDS, max_len_b=6)
+    run = (lambda m: greedy_search(m, src, **kw)) if search == "greedy" else \
+        (lambda m: beam_search(m, src, **kw, beam_size=3, nbest=3))
+    moved = []  # rows each select moved in place (None: it copied every row)
+    spy = mt.decoder_state.moved_rows
+    monkeypatch.setattr(mt.decoder_state, "moved_rows", lambda *a: moved.append(spy(*a)) or moved[-1])
+    cached, reference = run(model), run(Recomputed(model))
+    assert any(m is not None and 0 < m.numel() for m in moved)  # the in-place path ran and moved rows
+    assert torch.equal(cached.tokens, reference.tokens) and torch.equal(cached.lengths, reference.lengths)
+    torch.testing.assert_close(cached.scores, reference.scores, atol=1e-4, rtol=1e-4)
+
+
 # ---- the CPU fast paths of a search step
+
+
+def test_pruning_fills_the_holes_from_the_end_and_leaves_the_other_rows_in_place():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        alive = torch.rand(int(torch.randint(1, 12, (1,), generator=g)), generator=g) < 0.6
+        count = int(alive.sum())
+        keep = _fill_holes(alive, count)
+        assert sorted(keep.tolist()) == alive.nonzero().squeeze(1).tolist()  # every alive row, once
+        for place, row in enumerate(keep.tolist()):  # an alive row below count stays where it is
+            assert row == place or not alive[place]
+        moved = [row for place, row in enumerate(keep.tolist()) if row != place]
+        assert moved == sorted(moved)  # the rows from the end fill the holes in order
+
+
+def test_each_parents_first_child_takes_the_parents_beam():
+    g = torch.Generator().manual_seed(0)
+    parent = torch.randint(0, 4, (300, 4), generator=g)
+    parent[0] = torch.tensor([2, 2, 2, 2])
+    order = _stay_with_parents(parent)
+    assert torch.equal(order.sort(1).values, torch.arange(4).expand(300, 4))  # a permutation of the children
+    for p, o in zip(parent.tolist(), order.tolist()):
+        beam_of = {child: beam for beam, child in enumerate(o)}
+        firsts = {q: p.index(q) for q in set(p)}  # each parent's first (best) child
+        assert all(beam_of[child] == q for q, child in firsts.items())
+        extra = [child for child in range(4) if child not in firsts.values()]
+        assert [beam_of[child] for child in extra] == sorted(set(range(4)) - set(p))  # free beams, in order
 
 
 def test_block_top_k_equals_topk_with_ties_and_minus_infinity():
