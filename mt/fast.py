@@ -8,6 +8,8 @@ docs/performance.md):
 - `Dropout` on a CPU draws 16 random bits per element instead of PyTorch's one `bernoulli_` draw each, and
   applies the mask as numbers (a multiplication, forward and backward) instead of through `where`.
 - `int8_linears` gives CPU decoding int8 weights (dynamic quantization: activations quantized on the fly).
+- `bf16_row_buckets` gives bf16 decoding on a CPU matrix products of a few row counts only: oneDNN builds a
+  kernel for each new shape (about 2 ms each), and a search meets hundreds of row counts.
 - `attention` for bf16 training on a CPU spells Equation 1 out, where PyTorch's fused CPU kernel has a slow
   bf16 backward. On CUDA it runs SDPA without cuDNN's kernel, which builds a new graph for every tensor shape
   it meets (varied batches, every decoding step).
@@ -121,6 +123,33 @@ def int8_linears(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():  # torch marks its quantized-tensor constructors as deprecated
         warnings.simplefilter("ignore")
         return quantize_dynamic(model.float().eval(), {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+ROW_BUCKET = 32  # see bf16_row_buckets
+
+
+class RowBucketLinear(nn.Linear):
+    """nn.Linear whose matrix product runs on a row count rounded up to a multiple of ROW_BUCKET (zero rows,
+    whose outputs are dropped): the same function, on a few shapes."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in_features) -> (..., out_features)."""
+        rows = x.numel() // x.size(-1)
+        flat = F.pad(x.reshape(rows, -1), (0, 0, 0, -rows % ROW_BUCKET))
+        return F.linear(flat, self.weight, self.bias)[:rows].view(*x.shape[:-1], -1)
+
+
+def bf16_row_buckets(model: nn.Module) -> nn.Module:
+    """`model` (bf16, on a CPU, for inference) with every nn.Linear a `RowBucketLinear`, in place.
+
+    oneDNN, which runs bf16 matrix products on a CPU, builds and caches a kernel per shape, about 2 ms each; a
+    beam search's row count changes at every step and batch, so the cache keeps missing (1,024 entries, 7
+    linear shapes) and the builds cost more than the products. Rounding the rows up to a multiple of 32 leaves
+    a few dozen shapes per matrix."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = RowBucketLinear
+    return model
 
 
 def sdpa_backends_without_cudnn() -> list[SDPBackend]:

@@ -32,7 +32,7 @@ from mt.errors import MTError
 from mt.io import atomic_open, open_text, read_lines
 from mt.decoder_only import DecoderOnlyTransformer
 from mt.model import Transformer, attention_maps
-from mt.fast import int8_linears
+from mt.fast import bf16_row_buckets, int8_linears
 from mt.runtime import decode_batch_tokens, native_bf16, resolve_precision
 from mt.search import Ensemble, SearchOutput, beam_search, greedy_search, length_penalty, sample
 
@@ -104,7 +104,10 @@ def _load_one(checkpoint: str | Path, overrides: Iterable[str], search_overrides
             raise MTError(f"decode.precision int8 runs on a CPU only; on {dev} use bf16 or auto")
         return Translator(int8_linears(model), vocab, cfg.decode, dev)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return Translator(model.to(dev, dtype), vocab, cfg.decode, dev)
+    model = model.to(dev, dtype)
+    if precision == "bf16" and dev.type == "cpu":
+        model = bf16_row_buckets(model)
+    return Translator(model, vocab, cfg.decode, dev)
 
 
 def search_device(name: str | None) -> torch.device:

@@ -222,3 +222,23 @@ def test_bf16_cpu_attention_keeps_sdpas_causal_alignment_and_zeros_for_rows_that
         assert not got.isnan().any()
         assert_close(got.float(), ref, atol=0.03, rtol=0.03)
     assert torch.equal(got[1], torch.zeros_like(got[1]))
+
+
+@pytest.mark.parametrize("rows", [1, 31, 32, 33, 70])
+def test_bf16_row_buckets_compute_each_linear_on_a_multiple_of_32_rows_and_give_its_result(rows, monkeypatch):
+    model = tiny().to(torch.bfloat16).eval()
+    layer = model.decoder[0].ffn.linear1
+    reference = copy.deepcopy(layer)
+    mt.fast.bf16_row_buckets(model)
+    assert all(type(m) is not nn.Linear for m in model.modules())
+    assert model.output.weight is model.tgt_embed.embed.weight  # tying survives
+    shapes = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: shapes.append(x.shape) or linear(x, *a))
+    x = torch.randn(rows, 1, D, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x)
+        monkeypatch.undo()
+        want = reference(x)
+    assert shapes == [(-(-rows // 32) * 32, D)] and got.shape == (rows, 1, FF)
+    assert_close(got.float(), want.float(), atol=0.02, rtol=0.02)
