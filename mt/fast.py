@@ -134,9 +134,9 @@ class RowBucketLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in_features) -> (..., out_features)."""
-        rows = x.numel() // x.size(-1)
-        flat = F.pad(x.reshape(rows, -1), (0, 0, 0, -rows % ROW_BUCKET))
-        return F.linear(flat, self.weight, self.bias)[:rows].view(*x.shape[:-1], -1)
+        rows = x.shape[:-1].numel()
+        flat = F.pad(x.reshape(rows, self.in_features), (0, 0, 0, -rows % ROW_BUCKET))
+        return F.linear(flat, self.weight, self.bias)[:rows].view(*x.shape[:-1], self.out_features)
 
 
 def bf16_row_buckets(model: nn.Module) -> nn.Module:

@@ -242,3 +242,13 @@ def test_bf16_row_buckets_compute_each_linear_on_a_multiple_of_32_rows_and_give_
         want = reference(x)
     assert shapes == [(-(-rows // 32) * 32, D)] and got.shape == (rows, 1, FF)
     assert_close(got.float(), want.float(), atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("shape", [(D,), (0, D), (0, 3, D), (3, 0, D)])
+def test_a_row_bucket_linear_gives_nn_linears_shapes_for_one_dimensional_and_empty_inputs(shape):
+    layer = nn.Linear(D, FF).to(torch.bfloat16)
+    bucketed = copy.deepcopy(layer)
+    bucketed.__class__ = mt.fast.RowBucketLinear
+    x = torch.randn(shape, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert_close(bucketed(x).float(), layer(x).float(), atol=0.02, rtol=0.02)
