@@ -32,7 +32,7 @@ from mt.errors import MTError
 from mt.io import atomic_open, open_text, read_lines
 from mt.decoder_only import DecoderOnlyTransformer
 from mt.model import Transformer, attention_maps
-from mt.fast import bf16_row_buckets, int8_linears
+from mt.fast import bf16_cpu_linears, int8_linears
 from mt.runtime import decode_batch_tokens, native_bf16, resolve_precision
 from mt.search import Ensemble, SearchOutput, beam_search, greedy_search, length_penalty, sample
 
@@ -106,7 +106,7 @@ def _load_one(checkpoint: str | Path, overrides: Iterable[str], search_overrides
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = model.to(dev, dtype)
     if precision == "bf16" and dev.type == "cpu":
-        model = bf16_row_buckets(model)
+        model = bf16_cpu_linears(model)
     return Translator(model, vocab, cfg.decode, dev)
 
 

@@ -6,7 +6,7 @@ float32 and int8 (the checkpoint converted by `mt export --format ct2`), beam 4,
     python scripts/bench_decode.py --checkpoint CKPT --isa avx2      # as on a CPU without AVX512
 
 Each repetition runs every system once, in turns (by default mt fp32, int8, and bf16 where the CPU has native
-bf16 matrix products, each with exact search and with early stop; CTranslate2 float32 and int8, and float32
+bf16 matrix products, each with exact search and with early stop; CTranslate2 float32 and int8, each also
 reranked as below), each in a new process that loads the model, then times the translation of --src alone
 (tokenisation and detokenisation included, loading excluded). Prints sentences/s (the median over
 repetitions), BLEU against --ref, its difference from mt fp32's and the share of lines identical to mt
@@ -17,6 +17,7 @@ Other systems: "mt fp32 early" (any mt precision) stops each sentence as CTransl
 not exactly. "ct2 float32 rerank" is CTranslate2 made to give mt's output, the fair comparison for mt's exact
 search: beams ranked by summed log-probability (length penalty 0), patience 2 so that it runs until 8 of them
 are finished, all 8 returned and the best picked by mt's length penalty ((5 + |Y|) / 6)^0.6, EOS counted.
+"ct2 int8 rerank" is the same search on int8 weights, to set against mt's exact search at int8 and bf16.
 
 --isa avx2 restricts both engines to AVX2 kernels (ATEN_CPU_CAPABILITY, CT2_FORCE_CPU_ISA, oneDNN's
 ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS): the instruction set of a CPU without AVX512, on this CPU's cores
@@ -92,7 +93,7 @@ def main() -> int:
     parser.add_argument("--isa", choices=("native", "avx2"), default="native")
     parser.add_argument("--systems", nargs="+",
                         default=["mt fp32", "mt fp32 early", "mt int8", "mt int8 early", "mt bf16", "mt bf16 early",
-                                 "ct2 float32", "ct2 float32 rerank", "ct2 int8"])
+                                 "ct2 float32", "ct2 float32 rerank", "ct2 int8", "ct2 int8 rerank"])
     parser.add_argument("--work", type=Path, help="exports and outputs (default: beside the checkpoint)")
     # A worker's own arguments (internal).
     parser.add_argument("--system", help=argparse.SUPPRESS)

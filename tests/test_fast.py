@@ -225,30 +225,56 @@ def test_bf16_cpu_attention_keeps_sdpas_causal_alignment_and_zeros_for_rows_that
 
 
 @pytest.mark.parametrize("rows", [1, 31, 32, 33, 70])
-def test_bf16_row_buckets_compute_each_linear_on_a_multiple_of_32_rows_and_give_its_result(rows, monkeypatch):
+def test_bf16_cpu_linears_compute_each_linear_on_a_multiple_of_32_rows_and_give_its_result(rows, monkeypatch):
     model = tiny().to(torch.bfloat16).eval()
     layer = model.decoder[0].ffn.linear1
     reference = copy.deepcopy(layer)
-    mt.fast.bf16_row_buckets(model)
+    mt.fast.bf16_cpu_linears(model)
     assert all(type(m) is not nn.Linear for m in model.modules())
     assert model.output.weight is model.tgt_embed.embed.weight  # tying survives
-    shapes = []
-    linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: shapes.append(x.shape) or linear(x, *a))
     x = torch.randn(rows, 1, D, dtype=torch.bfloat16)
     with torch.no_grad():
-        got = layer(x)
-        monkeypatch.undo()
         want = reference(x)
-    assert shapes == [(-(-rows // 32) * 32, D)] and got.shape == (rows, 1, FF)
+        packed = layer(x)
+        layer.packed = None  # unpacked, the product goes through F.linear: see its shape
+        shapes = []
+        linear = torch.nn.functional.linear
+        monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: shapes.append(x.shape) or linear(x, *a))
+        got = layer(x)
+    assert shapes == [(-(-rows // 32) * 32, D)] and got.shape == packed.shape == (rows, 1, FF)
     assert_close(got.float(), want.float(), atol=0.02, rtol=0.02)
+    assert_close(packed.float(), want.float(), atol=0.02, rtol=0.02)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_bf16_cpu_linears_pack_each_weight_once_for_onednn_and_compute_nn_linears_result(monkeypatch):
+    model = tiny().to(torch.bfloat16).eval()
+    layers = [model.decoder[0].ffn.linear2, model.output]
+    with torch.no_grad():
+        layers[0].bias.normal_()  # initialised to zero: make a bias dropped show (the output layer has none)
+    references = [copy.deepcopy(layer) for layer in layers]
+    mt.fast.bf16_cpu_linears(model)
+    assert all(m.packed is not None for m in model.modules() if isinstance(m, mt.fast.BF16CPULinear))
+    monkeypatch.setattr(torch.nn.functional, "linear", None)  # packed: F.linear must not run
+    for layer, reference in zip(layers, references):
+        x = torch.randn(45, 1, layer.in_features, dtype=torch.bfloat16)
+        with torch.no_grad():
+            got = layer(x)
+            monkeypatch.undo()
+            want = reference(x)
+            monkeypatch.setattr(torch.nn.functional, "linear", None)
+        assert got.shape == want.shape
+        assert_close(got.float(), want.float(), atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("shape", [(D,), (0, D), (0, 3, D), (3, 0, D)])
-def test_a_row_bucket_linear_gives_nn_linears_shapes_for_one_dimensional_and_empty_inputs(shape):
+def test_a_bf16_cpu_linear_gives_nn_linears_shapes_for_one_dimensional_and_empty_inputs(shape, packed):
     layer = nn.Linear(D, FF).to(torch.bfloat16)
     bucketed = copy.deepcopy(layer)
-    bucketed.__class__ = mt.fast.RowBucketLinear
+    bucketed.__class__ = mt.fast.BF16CPULinear
+    if packed:
+        bucketed.pack()
     x = torch.randn(shape, dtype=torch.bfloat16)
     with torch.no_grad():
         assert_close(bucketed(x).float(), layer(x).float(), atol=0.02, rtol=0.02)

@@ -10,7 +10,7 @@ import torch
 
 from mt import translate as translate_module
 from mt.cli import main
-from mt.fast import RowBucketLinear
+from mt.fast import BF16CPULinear
 from mt.translate import load_translator, translate_lines, translate_nbest
 
 from conftest import MULTI30K
@@ -66,7 +66,7 @@ def test_bf16_search_runs_in_bf16_and_agrees_with_fp32(tiny_checkpoint):
     fp32 = load_translator(tiny_checkpoint, device="cpu")
     bf16 = load_translator(tiny_checkpoint, search_overrides=["decode.precision=bf16"], device="cpu")
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
-    assert type(bf16.model.output) is RowBucketLinear  # a few matrix shapes for oneDNN on a CPU
+    assert type(bf16.model.output) is BF16CPULinear  # a few matrix shapes for oneDNN on a CPU
     assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
     ids = [x + [3] for x in fp32.vocab.src.encode(lines)]  # + EOS
     src = torch.tensor([x + [0] * (max(map(len, ids)) - len(x)) for x in ids])
