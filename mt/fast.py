@@ -132,8 +132,8 @@ ROW_BUCKET = 32  # see bf16_cpu_linears
 class BF16CPULinear(nn.Linear):
     """nn.Linear for bf16 inference on a CPU, where oneDNN runs the matrix product: on a row count rounded up
     to a multiple of ROW_BUCKET (zero rows, whose outputs are dropped) and, where this torch has oneDNN, with
-    the weight packed once into oneDNN's blocked layout (`packed`), which F.linear repacks at every call.
-    The same function; `packed` is a copy of the weight, not updated if the weight changes."""
+    the weight packed once into oneDNN's blocked layout (`packed`, used without autograd), which F.linear
+    repacks at every call. The same function; `packed` is a copy of the weight, not updated if it changes."""
 
     packed: Tensor | None = None
 
@@ -148,7 +148,7 @@ class BF16CPULinear(nn.Linear):
         """x (..., in_features) -> (..., out_features)."""
         rows = x.shape[:-1].numel()
         flat = F.pad(x.reshape(rows, self.in_features), (0, 0, 0, -rows % ROW_BUCKET))
-        if self.packed is not None and rows:
+        if self.packed is not None and rows and not torch.is_grad_enabled():  # the packed product has no backward
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         else:
             out = F.linear(flat, self.weight, self.bias)

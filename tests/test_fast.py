@@ -265,6 +265,10 @@ def test_bf16_cpu_linears_pack_each_weight_once_for_onednn_and_compute_nn_linear
             monkeypatch.setattr(torch.nn.functional, "linear", None)
         assert got.shape == want.shape
         assert_close(got.float(), want.float(), atol=0.02, rtol=0.02)
+    monkeypatch.undo()
+    x = torch.randn(5, FF, dtype=torch.bfloat16, requires_grad=True)  # with autograd: F.linear, which has a backward
+    layers[0](x).sum().backward()
+    assert_close(x.grad.float(), references[0].weight.sum(0).float().expand(5, -1), atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("packed", [False, True])
