@@ -138,9 +138,11 @@ class BF16CPULinear(nn.Linear):
     packed: Tensor | None = None
 
     def pack(self) -> "BF16CPULinear":
-        """Pack the weight for oneDNN, if this torch has it; otherwise leave F.linear to run the product."""
+        """Pack the weight for oneDNN, if this torch has it and its bf16 path runs on this CPU (AVX512BW/VL/DQ
+        or AVX-NE-CONVERT; packing raises otherwise); otherwise leave F.linear to run the product."""
         mkldnn = torch.ops.mkldnn
-        if torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise"):
+        if (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise")
+                and hasattr(mkldnn, "_is_mkldnn_bf16_supported") and mkldnn._is_mkldnn_bf16_supported()):
             self.packed = mkldnn._reorder_linear_weight(self.weight.detach(), None)
         return self
 

@@ -282,3 +282,15 @@ def test_a_bf16_cpu_linear_gives_nn_linears_shapes_for_one_dimensional_and_empty
     x = torch.randn(shape, dtype=torch.bfloat16)
     with torch.no_grad():
         assert_close(bucketed(x).float(), layer(x).float(), atol=0.02, rtol=0.02)
+
+
+def test_a_bf16_cpu_linear_is_left_unpacked_where_onednn_has_no_bf16_path_on_this_cpu(monkeypatch):
+    # packing raises on a CPU without AVX512BW/VL/DQ or AVX-NE-CONVERT (as under ONEDNN_MAX_CPU_ISA=AVX2)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    layer = nn.Linear(D, FF).to(torch.bfloat16)
+    bucketed = copy.deepcopy(layer)
+    bucketed.__class__ = mt.fast.BF16CPULinear
+    assert bucketed.pack().packed is None
+    x = torch.randn(3, D, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert_close(bucketed(x).float(), layer(x).float(), atol=0.02, rtol=0.02)
