@@ -309,6 +309,10 @@ def main() -> int:
         for precision in ("fp32", "bf16"):  # bf16: both models' weights cast, as `mt translate --precision bf16`
             cast = {name: copy.deepcopy(m).to(dtype=torch.bfloat16) if precision == "bf16" else m
                     for name, m in models.items()}
+            if precision == "bf16" and device.type == "cpu":  # and mt's linear layers as that command's
+                from mt.fast import bf16_cpu_linears
+
+                cast = {name: m if name == "hf" else bf16_cpu_linears(m) for name, m in cast.items()}
             times = {name: [] for name in models}
             for name in models:
                 decode_run(name, cast[name], vocab, lines[:args.decode_batch], 3, args.decode_batch)
