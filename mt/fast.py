@@ -133,9 +133,17 @@ class BF16CPULinear(nn.Linear):
     """nn.Linear for bf16 inference on a CPU, where oneDNN runs the matrix product: on a row count rounded up
     to a multiple of ROW_BUCKET (zero rows, whose outputs are dropped) and, where this torch has oneDNN, with
     the weight packed once into oneDNN's blocked layout (`packed`, used without autograd), which F.linear
-    repacks at every call. The same function; `packed` is a copy of the weight, not updated if it changes."""
+    repacks at every call. The same function. `packed` is a copy of the weight: not updated if the weight
+    changes in place, dropped (F.linear again) when the module is moved or cast, copied or pickled."""
 
     packed: Tensor | None = None
+
+    def _apply(self, fn, recurse=True):
+        self.packed = None  # packed for the weight as it was (`.to`, `.float` and the like)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "packed": None}  # oneDNN's packed tensor has no storage to copy
 
     def pack(self) -> "BF16CPULinear":
         """Pack the weight for oneDNN, if this torch has it and its bf16 path runs on this CPU (AVX512BW/VL/DQ

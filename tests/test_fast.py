@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -282,6 +283,19 @@ def test_a_bf16_cpu_linear_gives_nn_linears_shapes_for_one_dimensional_and_empty
     x = torch.randn(shape, dtype=torch.bfloat16)
     with torch.no_grad():
         assert_close(bucketed(x).float(), layer(x).float(), atol=0.02, rtol=0.02)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_a_packed_bf16_cpu_linear_unpacks_when_cast_or_copied_and_still_computes_its_function():
+    layer = nn.Linear(D, FF).to(torch.bfloat16)
+    x = torch.randn(3, D)
+    with torch.no_grad():
+        want = layer.float()(x)
+        packed = mt.fast.bf16_cpu_linears(layer.to(torch.bfloat16))
+        assert packed.packed is not None
+        for other in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed)), packed.float()):
+            assert other.packed is None
+            assert_close(other(x.to(other.weight.dtype)).float(), want, atol=0.05, rtol=0.02)
 
 
 def test_a_bf16_cpu_linear_is_left_unpacked_where_onednn_has_no_bf16_path_on_this_cpu(monkeypatch):
