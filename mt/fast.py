@@ -149,8 +149,7 @@ class BF16CPULinear(nn.Linear):
         """Pack the weight for oneDNN, if this torch has it and its bf16 path runs on this CPU (AVX512BW/VL/DQ
         or AVX-NE-CONVERT; packing raises otherwise); otherwise leave F.linear to run the product."""
         mkldnn = torch.ops.mkldnn
-        if (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise")
-                and hasattr(mkldnn, "_is_mkldnn_bf16_supported") and mkldnn._is_mkldnn_bf16_supported()):
+        if torch.backends.mkldnn.is_available() and getattr(mkldnn, "_is_mkldnn_bf16_supported", lambda: False)():
             self.packed = mkldnn._reorder_linear_weight(self.weight.detach(), None)
         return self
 
@@ -171,8 +170,7 @@ def bf16_cpu_linears(model: nn.Module) -> nn.Module:
     oneDNN, which runs bf16 matrix products on a CPU, builds and caches a kernel per shape, about 2 ms each; a
     beam search's row count changes at every step and batch, so the cache keeps missing (1,024 entries, 7
     linear shapes) and the builds cost more than the products. Rounding the rows up to a multiple of 32 leaves
-    a few dozen shapes per matrix. Packing each weight once saves the repacking F.linear does at every call,
-    a fifth to a third of a decoding step's product."""
+    a few dozen shapes per matrix. Each weight is packed once, where F.linear repacks it at every call."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = BF16CPULinear

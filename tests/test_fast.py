@@ -256,17 +256,15 @@ def test_bf16_cpu_linears_pack_each_weight_once_for_onednn_and_compute_nn_linear
     references = [copy.deepcopy(layer) for layer in layers]
     mt.fast.bf16_cpu_linears(model)
     assert all(m.packed is not None for m in model.modules() if isinstance(m, mt.fast.BF16CPULinear))
-    monkeypatch.setattr(torch.nn.functional, "linear", None)  # packed: F.linear must not run
-    for layer, reference in zip(layers, references):
-        x = torch.randn(45, 1, layer.in_features, dtype=torch.bfloat16)
-        with torch.no_grad():
-            got = layer(x)
-            monkeypatch.undo()
-            want = reference(x)
-            monkeypatch.setattr(torch.nn.functional, "linear", None)
+    xs = [torch.randn(45, 1, layer.in_features, dtype=torch.bfloat16) for layer in layers]
+    with torch.no_grad():
+        wants = [reference(x) for reference, x in zip(references, xs)]
+        monkeypatch.setattr(torch.nn.functional, "linear", None)  # packed: F.linear must not run
+        gots = [layer(x) for layer, x in zip(layers, xs)]
+    monkeypatch.undo()
+    for got, want in zip(gots, wants):
         assert got.shape == want.shape
         assert_close(got.float(), want.float(), atol=0.02, rtol=0.02)
-    monkeypatch.undo()
     x = torch.randn(5, FF, dtype=torch.bfloat16, requires_grad=True)  # with autograd: F.linear, which has a backward
     layers[0](x).sum().backward()
     assert_close(x.grad.float(), references[0].weight.sum(0).float().expand(5, -1), atol=0.05, rtol=0.02)
