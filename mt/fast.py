@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mt.errors import MTError
 from mt.model import MultiHeadAttention, sdpa_attention
 
 SOFTMAX_MIN_ROW = 16  # see attention_spelled_out
@@ -119,7 +120,11 @@ def int8_linears(model: nn.Module) -> nn.Module:
     quantized one: int8 weights, one scale per matrix, activations quantized per call (fbgemm's int8 GEMM)."""
     import warnings
 
-    from torch.ao.quantization import quantize_dynamic
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError:  # torch has deprecated it for torchao, so a later torch may not have it
+        raise MTError(f"decode.precision int8 needs torch.ao.quantization, which this torch ({torch.__version__}) "
+                      "does not have: use fp32 or bf16, or a torch that has it (2.13 does)") from None
 
     with warnings.catch_warnings():  # torch marks its quantized-tensor constructors as deprecated
         warnings.simplefilter("ignore")

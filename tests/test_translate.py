@@ -140,6 +140,16 @@ def test_int8_search_quantizes_the_linear_layers_and_agrees_with_fp32(tiny_check
     assert sum(x == y for x, y in zip(a, b)) >= 0.6 * len(lines)
 
 
+def test_int8_search_on_a_torch_without_its_quantization_module_is_a_one_line_error(tiny_checkpoint, tmp_path,
+                                                                                     monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)  # importing it now raises ImportError
+    assert main(["translate", "--checkpoint", str(tiny_checkpoint), "--input", "-", "--output",
+                 str(tmp_path / "out"), "--precision", "int8", "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "int8" in err and "torch.ao.quantization" in err and "fp32 or bf16" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bf16_search_without_native_bf16_warns_in_one_line(tiny_checkpoint, monkeypatch, caplog):
     import mt.runtime
 
